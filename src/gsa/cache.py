@@ -1,0 +1,200 @@
+"""A transformers ``Cache`` that stores each layer's KV by tier and feeds the ``gsa`` attention.
+
+Per global-attention layer, ``GistLayer`` keeps the sinks, the raw chunks (B, Hk, N, Cm, D), the
+gists (B, Hk, N, D) and the recent tokens (context tail, suffix and everything generated). The raw
+KV of every chunk is kept so that any chunk can be recalled later. Sliding-window layers keep a
+flat KV and their own window rule.
+
+The first ``update()`` of a layer receives the whole gisted prompt and splits it into tiers; later
+updates append decode tokens to the recent tier. Each update publishes the layer's view for the
+attention call that follows it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from gsa.attention import LayerView, publish_view
+from gsa.config import GSAConfig
+from gsa.layout import GistBatch, TokenKind
+from gsa.sparse import KeyCounts
+from gsa.tiers import Tiers, split_tiers
+
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_windows(model_config) -> list[int | None]:
+    """Return each decoder layer's sliding window, or None for global attention.
+
+    Raises:
+        ValueError: a layer type other than full or sliding-window attention (linear attention,
+            state-space layers), which ``gsa`` cannot serve.
+    """
+    num_layers = model_config.num_hidden_layers
+    window = getattr(model_config, "sliding_window", None)
+    types = getattr(model_config, "layer_types", None)
+    if types is None:
+        types = ["sliding_attention" if window else "full_attention"] * num_layers
+    unsupported = sorted(set(types) - set(SUPPORTED_LAYER_TYPES))
+    if unsupported:
+        raise ValueError(
+            f"gsa supports full and sliding-window attention layers, but this model has {unsupported}; "
+            "use a decoder whose layers are all attention layers"
+        )
+    return [window if kind == "sliding_attention" else None for kind in types[:num_layers]]
+
+
+@dataclass
+class DecodeStats:
+    """Keys read during decode steps, summed over layers, KV heads, queries and steps."""
+
+    steps: int = 0
+    events: int = 0
+    attended: int = 0
+    raw: int = 0
+    full: int = 0
+    per_layer_attended: dict[int, int] = field(default_factory=dict)
+
+    def add(self, layer_idx: int, counts: KeyCounts) -> None:
+        self.events += counts.attended.numel()
+        self.attended += int(counts.attended.sum())
+        self.raw += int(counts.raw.sum())
+        self.full += int(counts.full.sum())
+        self.per_layer_attended[layer_idx] = self.per_layer_attended.get(layer_idx, 0) + int(counts.attended.sum())
+
+    @property
+    def mean_attended_fraction(self) -> float:
+        return self.attended / self.full if self.full else float("nan")
+
+    @property
+    def mean_raw_per_step(self) -> float:
+        """Raw tokens attended per decode step, layer and KV head, averaged."""
+        return self.raw / self.events if self.events else float("nan")
+
+
+class GistLayer(CacheLayerMixin):
+    """One layer of a ``GistCache``."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, layer_idx: int, owner: GistCache, window: int | None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.owner = owner
+        self.window = window
+        self.tiers: Tiers | None = None
+        self.keys: torch.Tensor | None = None  # flat KV of a sliding-window layer
+        self.values: torch.Tensor | None = None
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store new (B, Hk, T, D) states and publish this layer's view; returns them unchanged
+        for the prompt, or the layer's flat KV for a sliding-window layer."""
+        owner, prefill = self.owner, not self.is_initialized
+        if prefill:
+            self.lazy_initialization(key_states, value_states)
+        owner.check_batch(key_states.shape[0])
+        self.length += key_states.shape[2]
+        view = LayerView(self.layer_idx, owner.config, owner.batch, prefill=prefill, window=self.window)
+        if self.window is not None:
+            key_states, value_states = self._update_flat(key_states, value_states, view)
+        elif prefill:
+            self.tiers = split_tiers(key_states, value_states, owner.batch)
+            view.tiers = self.tiers
+        else:
+            start = self.tiers.recent_valid.shape[1]
+            self.tiers.append_recent(key_states, value_states)
+            slots = torch.arange(start, start + key_states.shape[2], device=key_states.device)
+            view.tiers, view.query_slot = self.tiers, slots[None].expand(key_states.shape[0], -1)
+            view.on_counts = owner.stats.add
+        publish_view(view)
+        owner.report_layer(self.layer_idx, prefill)
+        return key_states, value_states
+
+    def _update_flat(self, key_states, value_states, view: LayerView):
+        if self.keys is None:
+            self.keys, self.values = key_states, value_states
+        else:
+            self.keys = torch.cat([self.keys, key_states], dim=2)
+            self.values = torch.cat([self.values, value_states], dim=2)
+        view.flat_kind = self.owner.flat_kind(self.keys.shape[2])
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.tiers, self.keys, self.values, self.length = None, None, None, 0
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("GistCache does not support beam search; use greedy decoding or sampling")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("GistCache cannot be cropped (assisted decoding is not supported)")
+
+    def nbytes(self) -> int:
+        if self.tiers is not None:
+            return self.tiers.nbytes()
+        flat = (self.keys, self.values)
+        return sum(t.numel() * t.element_size() for t in flat if t is not None)
+
+
+class GistCache(Cache):
+    """KV cache for a batch gisted by ``gsa.layout``; pass it to ``model.generate(past_key_values=...)``.
+
+    Args:
+        model_config: the model's ``PretrainedConfig`` (layer count, sliding windows).
+        batch: the gisted prompt batch the cache will be filled with.
+        config: attention settings (method, top-k, merge, kernel).
+        on_layer: optional callback ``(layer_idx, prefill)`` after each layer's update, for
+            progress bars.
+    """
+
+    def __init__(self, model_config, batch: GistBatch, config: GSAConfig, on_layer=None):
+        windows = layer_windows(model_config)
+        super().__init__(layers=[GistLayer(i, self, w) for i, w in enumerate(windows)])
+        self.batch = batch
+        self.config = config
+        self.stats = DecodeStats()
+        self.on_layer = on_layer
+
+    def check_batch(self, size: int) -> None:
+        if size != self.batch.batch_size:
+            raise ValueError(
+                f"GistCache was built for a batch of {self.batch.batch_size} rows but got {size}; "
+                "num_return_sequences > 1 and beam search are not supported"
+            )
+
+    def flat_kind(self, length: int) -> torch.Tensor:
+        """Token kinds of the first ``length`` stored columns: the prompt, then generated tokens."""
+        kind = self.batch.kind
+        extra = length - kind.shape[1]
+        if extra > 0:
+            generated = torch.full((kind.shape[0], extra), int(TokenKind.SUFFIX), dtype=kind.dtype, device=kind.device)
+            kind = torch.cat([kind, generated], dim=1)
+        return kind[:, :length]
+
+    def report_layer(self, layer_idx: int, prefill: bool) -> None:
+        if layer_idx == 0 and not prefill:
+            self.stats.steps += 1
+        if self.on_layer is not None:
+            self.on_layer(layer_idx, prefill)
+
+    def nbytes(self) -> int:
+        """Bytes of KV held by every layer."""
+        return sum(layer.nbytes() for layer in self.layers)

@@ -1,0 +1,66 @@
+"""Typed settings of the sparse attention: which method, how many chunks to recall, which kernel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gsa.errors import InvalidInputError
+from gsa.layout import GistSpec
+
+METHODS = ("gsa", "gist-only", "full")
+MERGES = ("union", "group-sum")
+PREFILLS = ("gist", "dense")
+IMPLS = ("fast", "naive")
+
+
+@dataclass(frozen=True)
+class GSAConfig:
+    """Settings of gist sparse attention, shared by the cache and the attention function.
+
+    Attributes:
+        spec: gist layout (chunk size, sinks, local window).
+        method: ``gsa`` recalls the top-k chunks per query head; ``gist-only`` attends every gist
+            and no old raw chunk (compression without recall); ``full`` inserts no gists and
+            attends everything.
+        top_k: chunks recalled per query head. ``None`` uses the budget rule
+            k = floor(n / (r * G * C)) + 1, capped at max(1, floor(gists / 4)), where n is the
+            number of keys, r the compression ratio and G the query heads per KV head.
+        top_p: if set, recall the smallest set of chunks whose softmax gist-score mass reaches
+            this share instead of a count.
+        merge: how query heads sharing a KV head combine their choices: ``union`` of the
+            per-head top-k, or ``group-sum``, one top-k over scores summed across the group.
+        prefill: ``gist`` runs the context under the gist mask; ``dense`` runs it with full causal
+            attention, so untrained gists only route (a training-free mode).
+        impl: ``fast`` (vectorised) or ``naive`` (loop-by-loop reference twin).
+        select_first_layer: also select in layer 0, whose gists carry little information; off by
+            default, so layer 0 attends under the gist mask.
+    """
+
+    spec: GistSpec = field(default_factory=GistSpec)
+    method: str = "gsa"
+    top_k: int | None = None
+    top_p: float | None = None
+    merge: str = "union"
+    prefill: str = "gist"
+    impl: str = "fast"
+    select_first_layer: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, METHODS)
+        _check_choice("merge", self.merge, MERGES)
+        _check_choice("prefill", self.prefill, PREFILLS)
+        _check_choice("impl", self.impl, IMPLS)
+        if self.top_k is not None and self.top_k < 1:
+            raise InvalidInputError(f"top-k must be at least 1, got {self.top_k}; omit it to use the budget rule")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise InvalidInputError(f"top-p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def ratio(self) -> int:
+        """Compression ratio r of the layout."""
+        return self.spec.chunk_size
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InvalidInputError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")

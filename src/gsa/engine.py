@@ -1,0 +1,145 @@
+"""Answer questions over long contexts: gist the prompt, prefill, decode with selective unfolding."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from gsa.cache import GistCache
+from gsa.config import GSAConfig
+from gsa.errors import InvalidInputError
+from gsa.layout import GistBatch, TokenKind, collate, insert_gists
+from gsa.model import enable_gsa
+
+logger = logging.getLogger(__name__)
+
+QUESTION_TEMPLATE = "\n\nQuestion: {question}\nAnswer:"
+WORD_START_MARKERS = ("Ġ", "▁", "Ċ", "\n", " ")
+
+
+@dataclass
+class GenerationResult:
+    """One answer and what its decoding read."""
+
+    answer: str
+    method: str
+    ratio: int
+    context_tokens: int
+    gist_tokens: int
+    decode_steps: int
+    mean_unfolded_tokens_per_step: float
+    mean_attended_kv_fraction: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class GistGenerator:
+    """A model with GSA enabled, ready to answer questions over contexts.
+
+    Args:
+        model: a transformers causal LM.
+        tokenizer: its tokenizer; a gist token is added to it.
+    """
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.gist_ids = enable_gsa(model, tokenizer)
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+
+    def build_batch(self, contexts: list[str], questions: list[str], config: GSAConfig, max_new_tokens: int = 0) -> GistBatch:
+        """Tokenise each context and question, insert gists and left-pad into one batch."""
+        if len(contexts) != len(questions):
+            raise InvalidInputError(f"got {len(contexts)} contexts but {len(questions)} questions; pass one question per context")
+        sequences = []
+        for context, question in zip(contexts, questions):
+            context_ids, suffix_ids = self._tokenize(context, question)
+            self._check_lengths(context_ids, suffix_ids, config, max_new_tokens)
+            gist_id = None if config.method == "full" else self.gist_ids[0]
+            starts = self._word_starts(context_ids) if config.spec.word_boundary else None
+            sequences.append(insert_gists(context_ids, suffix_ids, gist_id, config.spec, starts))
+        pad_id = self.tokenizer.pad_token_id
+        pad_id = pad_id if pad_id is not None else self.tokenizer.eos_token_id
+        return collate(sequences, config.spec, pad_id)
+
+    def _tokenize(self, context: str, question: str) -> tuple[list[int], list[int]]:
+        if not context.strip():
+            raise InvalidInputError("the context is empty; pass a file or text with content")
+        context_ids = self.tokenizer(context, add_special_tokens=True)["input_ids"]
+        suffix = QUESTION_TEMPLATE.format(question=question.strip())
+        suffix_ids = self.tokenizer(suffix, add_special_tokens=False)["input_ids"]
+        return context_ids, suffix_ids
+
+    def _check_lengths(self, context_ids, suffix_ids, config: GSAConfig, max_new_tokens: int) -> None:
+        total = len(context_ids) + len(suffix_ids) + max_new_tokens
+        if self.max_positions and total > self.max_positions:
+            raise InvalidInputError(
+                f"the context has {len(context_ids)} tokens; with the question and {max_new_tokens} new tokens that "
+                f"is {total}, over the model's {self.max_positions} positions; shorten the context or lower --max-new-tokens"
+            )
+        if config.method != "full" and config.spec.chunk_size > len(context_ids) - config.spec.sinks:
+            raise InvalidInputError(
+                f"chunk size {config.spec.chunk_size} is larger than the context ({len(context_ids)} tokens, "
+                f"{config.spec.sinks} of them sinks); use a smaller --ratio or a longer context"
+            )
+
+    def _word_starts(self, ids: list[int]) -> list[bool]:
+        pieces = self.tokenizer.convert_ids_to_tokens(ids)
+        return [p.startswith(WORD_START_MARKERS) or not p[:1].isalnum() for p in pieces]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        contexts: list[str],
+        questions: list[str],
+        config: GSAConfig,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        streamer=None,
+        on_layer=None,
+        stop_at_newline: bool = True,
+    ) -> list[GenerationResult]:
+        """Answer each question over its context with stock ``model.generate()`` and a ``GistCache``."""
+        start = time.perf_counter()
+        batch = self.build_batch(contexts, questions, config, max_new_tokens).to(self.model.device)
+        cache = GistCache(self.model.config, batch, config, on_layer=on_layer)
+        options = {"do_sample": do_sample}
+        if do_sample:
+            options["temperature"] = temperature
+        if stop_at_newline:
+            options.update(stop_strings=["\n"], tokenizer=self.tokenizer)
+        output = self.model.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            cache=cache,
+            max_new_tokens=max_new_tokens,
+            suppress_tokens=self.gist_ids,
+            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+            streamer=streamer,
+            **options,
+        )
+        seconds = time.perf_counter() - start
+        new_tokens = output[:, batch.input_ids.shape[1]:]
+        return [self._result(batch, b, new_tokens[b], cache, config, seconds) for b in range(batch.batch_size)]
+
+    def _result(self, batch: GistBatch, row: int, tokens, cache: GistCache, config: GSAConfig, seconds: float):
+        kind = batch.kind[row]
+        stats = cache.stats
+        return GenerationResult(
+            answer=self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+            method=config.method,
+            ratio=config.ratio,
+            context_tokens=int(((kind == TokenKind.SINK) | (kind == TokenKind.RAW) | (kind == TokenKind.TAIL)).sum()),
+            gist_tokens=int((kind == TokenKind.GIST).sum()),
+            decode_steps=stats.steps,
+            mean_unfolded_tokens_per_step=stats.mean_raw_per_step,
+            mean_attended_kv_fraction=stats.mean_attended_fraction,
+            seconds=seconds,
+        )

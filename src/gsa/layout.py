@@ -1,0 +1,267 @@
+"""Gist layout: where gist tokens go in a sequence, and the per-token metadata masks and caches read.
+
+A gisted sequence is the context, cut into chunks of C raw tokens with one gist token after each
+full chunk, followed by the suffix (question or instruction), which stays raw:
+
+    [sink x S] [raw x C, gist] [raw x C, gist] ... [tail < C] [suffix ...]
+
+Metadata per token:
+
+- ``kind``: one of ``TokenKind`` (sink, raw chunk token, gist, tail, suffix, padding);
+- ``chunk``: the index of the level-1 chunk the token belongs to. A gist belongs to the chunk it
+  closes. Sinks get -1. The tail (the last, partial chunk of the context, which gets no gist) and
+  the suffix form one final chunk with index N, the number of full chunks;
+- ``position``: the RoPE position. Raw tokens keep the positions they would have without gists,
+  and a gist reuses the position of the last raw token of its chunk.
+
+Batches are left-padded, so that every row's last token sits in the last column and decode steps
+append in step. Besides the flat tensors, a batch carries index maps from each cache tier (sinks,
+chunk raw tokens, gists, recent tokens) to input columns; the cache and the selective attention
+read the tiers through them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from gsa.errors import InvalidInputError
+
+
+class TokenKind(enum.IntEnum):
+    """Role of a token in a gisted sequence."""
+
+    SINK = 0
+    RAW = 1
+    GIST = 2
+    TAIL = 3
+    SUFFIX = 4
+    PAD = 5
+
+
+@dataclass(frozen=True)
+class GistSpec:
+    """Layout settings for one level of gists.
+
+    Attributes:
+        chunk_size: raw tokens per chunk, C. The compression ratio of one level is C.
+        sinks: leading tokens that are never chunked and stay visible to every token, S.
+        window_chunks: previous chunks that stay raw-visible to every token, P (the local window).
+        word_boundary: move a chunk's end forward by at most C // 2 tokens so it does not split
+            a word; chunks are then between C and C + C // 2 tokens long.
+    """
+
+    chunk_size: int = 16
+    sinks: int = 3
+    window_chunks: int = 1
+    word_boundary: bool = False
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise InvalidInputError(f"chunk size must be at least 1, got {self.chunk_size}")
+        if self.sinks < 0:
+            raise InvalidInputError(f"the number of sink tokens must be 0 or more, got {self.sinks}")
+        if self.window_chunks < 0:
+            raise InvalidInputError(f"the local window must be 0 or more chunks, got {self.window_chunks}")
+
+    @property
+    def max_chunk_len(self) -> int:
+        return self.chunk_size + (self.chunk_size // 2 if self.word_boundary else 0)
+
+
+@dataclass
+class GistedSequence:
+    """One gisted sequence as plain lists, before batching."""
+
+    input_ids: list[int]
+    position_ids: list[int]
+    kind: list[int]
+    chunk: list[int]
+    num_chunks: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def append(self, token: int, position: int, kind: TokenKind, chunk: int) -> None:
+        self.input_ids.append(token)
+        self.position_ids.append(position)
+        self.kind.append(int(kind))
+        self.chunk.append(chunk)
+
+
+def chunk_bounds(length: int, spec: GistSpec, word_starts: list[bool] | None = None) -> list[tuple[int, int]]:
+    """Return the [start, end) bounds of the full chunks in a context of ``length`` raw tokens.
+
+    Chunking starts after the sinks. With ``spec.word_boundary`` and ``word_starts`` (True where a
+    token begins a word), a chunk end that would fall inside a word moves forward to the next
+    word start, by at most C // 2 tokens.
+    """
+    bounds = []
+    start = min(spec.sinks, length)
+    while start + spec.chunk_size <= length:
+        end = start + spec.chunk_size
+        if spec.word_boundary and word_starts is not None:
+            end = _next_word_start(end, length, spec.chunk_size // 2, word_starts)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def _next_word_start(end: int, length: int, max_shift: int, word_starts: list[bool]) -> int:
+    for shift in range(max_shift + 1):
+        if end + shift >= length:
+            break
+        if word_starts[end + shift]:
+            return end + shift
+    return end
+
+
+def insert_gists(
+    context_ids: list[int],
+    suffix_ids: list[int],
+    gist_id: int | None,
+    spec: GistSpec,
+    word_starts: list[bool] | None = None,
+) -> GistedSequence:
+    """Insert one gist after every full chunk of ``context_ids`` and append ``suffix_ids`` raw.
+
+    With ``gist_id=None`` no gist is inserted and the whole context is one final chunk with the
+    suffix: the layout of plain full attention, used by the ``full`` method.
+    """
+    seq = GistedSequence([], [], [], [], num_chunks=0)
+    bounds = chunk_bounds(len(context_ids), spec, word_starts) if gist_id is not None else []
+    seq.num_chunks = len(bounds)
+
+    # Sinks, then each full chunk followed by its gist at the position of the chunk's last token.
+    sink_end = bounds[0][0] if bounds else min(spec.sinks, len(context_ids))
+    for i in range(sink_end):
+        seq.append(context_ids[i], i, TokenKind.SINK, -1)
+    for n, (start, end) in enumerate(bounds):
+        for i in range(start, end):
+            seq.append(context_ids[i], i, TokenKind.RAW, n)
+        seq.append(gist_id, end - 1, TokenKind.GIST, n)
+
+    # The tail of the context and the suffix share the final chunk index N.
+    tail_start = bounds[-1][1] if bounds else sink_end
+    for i in range(tail_start, len(context_ids)):
+        seq.append(context_ids[i], i, TokenKind.TAIL, seq.num_chunks)
+    for j, token in enumerate(suffix_ids):
+        seq.append(token, len(context_ids) + j, TokenKind.SUFFIX, seq.num_chunks)
+    return seq
+
+
+def strip_gists(input_ids: list[int], kind: list[int]) -> list[int]:
+    """Return ``input_ids`` without gist and padding tokens."""
+    return [t for t, k in zip(input_ids, kind) if k not in (TokenKind.GIST, TokenKind.PAD)]
+
+
+@dataclass
+class GistBatch:
+    """A left-padded batch of gisted sequences with the index maps of the cache tiers.
+
+    Shapes (B batch, L columns, S0 sinks, N chunks, Cm max chunk length, R recent, Tq suffix
+    queries). Index maps hold input columns, -1 for padding slots.
+    """
+
+    spec: GistSpec
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L), 1 for real tokens
+    position_ids: torch.Tensor  # (B, L)
+    kind: torch.Tensor  # (B, L)
+    chunk: torch.Tensor  # (B, L)
+    num_chunks: torch.Tensor  # (B,)
+    sink_index: torch.Tensor  # (B, S0)
+    chunk_index: torch.Tensor  # (B, N, Cm)
+    gist_index: torch.Tensor  # (B, N)
+    recent_index: torch.Tensor  # (B, R): tail and suffix
+    suffix_index: torch.Tensor  # (B, Tq): suffix columns, the queries that select
+    suffix_slot: torch.Tensor  # (B, Tq): their slot in the recent tier
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> GistBatch:
+        moved = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}
+        return GistBatch(spec=self.spec, extras=self.extras, **moved)
+
+
+_TENSOR_FIELDS = (
+    "input_ids", "attention_mask", "position_ids", "kind", "chunk", "num_chunks", "sink_index",
+    "chunk_index", "gist_index", "recent_index", "suffix_index", "suffix_slot",
+)
+
+
+def collate(sequences: list[GistedSequence], spec: GistSpec, pad_id: int) -> GistBatch:
+    """Left-pad gisted sequences into a batch and build the tier index maps."""
+    if not sequences:
+        raise ValueError("cannot collate an empty list of sequences")
+    width = max(len(s) for s in sequences)
+    rows = [_pad_row(s, width, pad_id) for s in sequences]
+    stack = lambda i: torch.tensor([r[i] for r in rows], dtype=torch.long)  # noqa: E731
+    input_ids, position_ids, kind, chunk = stack(0), stack(1), stack(2), stack(3)
+    num_chunks = torch.tensor([s.num_chunks for s in sequences], dtype=torch.long)
+
+    maps = [_tier_maps(kind[b], chunk[b], int(num_chunks[b])) for b in range(len(sequences))]
+    sink_index = _pad_lists([m["sink"] for m in maps])
+    gist_index = _pad_lists([m["gist"] for m in maps])
+    recent_index = _pad_lists([m["recent"] for m in maps], left=True)
+    suffix_index = _pad_lists([m["suffix"] for m in maps], left=True)
+    chunk_index = _pad_chunks([m["chunks"] for m in maps], max(spec.max_chunk_len, 1))
+
+    # A suffix query's recent slot: recent columns are increasing, so search the column.
+    suffix_slot = torch.full_like(suffix_index, -1)
+    for b in range(len(sequences)):
+        valid = suffix_index[b] >= 0
+        suffix_slot[b, valid] = torch.searchsorted(recent_index[b], suffix_index[b, valid])
+
+    return GistBatch(
+        spec=spec, input_ids=input_ids, attention_mask=(kind != TokenKind.PAD).long(),
+        position_ids=position_ids, kind=kind, chunk=chunk, num_chunks=num_chunks,
+        sink_index=sink_index, chunk_index=chunk_index, gist_index=gist_index,
+        recent_index=recent_index, suffix_index=suffix_index, suffix_slot=suffix_slot,
+    )
+
+
+def _pad_row(seq: GistedSequence, width: int, pad_id: int) -> tuple[list[int], ...]:
+    pad = width - len(seq)
+    return (
+        [pad_id] * pad + seq.input_ids,
+        [0] * pad + seq.position_ids,
+        [int(TokenKind.PAD)] * pad + seq.kind,
+        [-1] * pad + seq.chunk,
+    )
+
+
+def _tier_maps(kind: torch.Tensor, chunk: torch.Tensor, num_chunks: int) -> dict[str, list]:
+    columns = torch.arange(kind.numel())
+    chunks: list[list[int]] = [[] for _ in range(num_chunks)]
+    raw = kind == TokenKind.RAW
+    for col, n in zip(columns[raw].tolist(), chunk[raw].tolist()):
+        chunks[n].append(col)
+    recent = (kind == TokenKind.TAIL) | (kind == TokenKind.SUFFIX)
+    return {
+        "sink": columns[kind == TokenKind.SINK].tolist(),
+        "gist": columns[kind == TokenKind.GIST].tolist(),
+        "recent": columns[recent].tolist(),
+        "suffix": columns[kind == TokenKind.SUFFIX].tolist(),
+        "chunks": chunks,
+    }
+
+
+def _pad_lists(lists: list[list[int]], left: bool = False) -> torch.Tensor:
+    width = max((len(x) for x in lists), default=0)
+    padded = [([-1] * (width - len(x)) + x) if left else (x + [-1] * (width - len(x))) for x in lists]
+    return torch.tensor(padded, dtype=torch.long).reshape(len(lists), width)
+
+
+def _pad_chunks(per_row: list[list[list[int]]], chunk_len: int) -> torch.Tensor:
+    num_chunks = max((len(r) for r in per_row), default=0)
+    out = torch.full((len(per_row), num_chunks, chunk_len), -1, dtype=torch.long)
+    for b, row in enumerate(per_row):
+        for n, cols in enumerate(row):
+            out[b, n, : len(cols)] = torch.tensor(cols, dtype=torch.long)
+    return out

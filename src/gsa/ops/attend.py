@@ -1,0 +1,121 @@
+"""Vectorised attention over KV tiers with a per-KV-head choice of recalled chunks.
+
+Two paths compute the same result:
+
+- ``attend_masked`` concatenates all tiers and masks what is not visible. It serves any number of
+  queries (the suffix during prefill) and is the dense twin of the gathered path.
+- ``attend_gathered`` serves one query per row (a decode step): it gathers only the recalled
+  chunks and their gists, so its cost grows with the budget rather than with the context.
+
+Shape legend: B batch, T queries, H query heads, Hk KV heads, G = H / Hk, D head dim, N chunks,
+Cm max chunk length, K recalled chunks, R recent tokens, S0 sinks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gsa.tiers import Tiers
+
+
+@dataclass
+class Visibility:
+    """What each query may attend to, per KV head."""
+
+    chunk_on: torch.Tensor  # (B, Hk, T, N): raw tokens of these chunks are attended
+    gist_on: torch.Tensor  # (B, Hk, T, N): these gists are attended
+    recent_on: torch.Tensor  # (B, T, R): recent tokens at or before the query
+    gist_mode: str = "chunks"  # "chunks": gist_on equals chunk_on; "all": every valid gist; "none"
+
+
+def recent_visibility(tiers: Tiers, query_slot: torch.Tensor) -> torch.Tensor:
+    """Recent tokens visible to each query: valid and at or before its slot. Returns (B, T, R)."""
+    slots = torch.arange(tiers.recent_valid.shape[1], device=query_slot.device)
+    return tiers.recent_valid[:, None, :] & (slots[None, None, :] <= query_slot[:, :, None])
+
+
+def attended_counts(tiers: Tiers, vis: Visibility) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Count keys per (B, Hk, T): all attended, raw attended, and what full attention would read."""
+    sinks = tiers.sink_valid.sum(-1)[:, None, None]  # (B, 1, 1)
+    chunk_len = tiers.chunk_valid.sum(-1).to(torch.long)  # (B, N)
+    raw_chunks = (vis.chunk_on * chunk_len[:, None, None, :]).sum(-1)  # (B, Hk, T)
+    recent = vis.recent_on.sum(-1)[:, None, :]  # (B, 1, T)
+    raw = sinks + raw_chunks + recent
+    attended = raw + vis.gist_on.sum(-1)
+    full = sinks + chunk_len.sum(-1)[:, None, None] + recent
+    return attended, raw, full.expand_as(attended)
+
+
+def attend_masked(query: torch.Tensor, tiers: Tiers, vis: Visibility, scaling: float) -> torch.Tensor:
+    """Attend (B, H, T, D) queries to the visible part of every tier; returns (B, H, T, D)."""
+    batch, heads, length, dim = query.shape
+    kv_heads = tiers.num_kv_heads
+    group = heads // kv_heads
+    num_chunks, chunk_len = tiers.chunk_valid.shape[1:]
+
+    keys = torch.cat([tiers.sink_k, tiers.chunk_k.flatten(2, 3), tiers.gist_k, tiers.recent_k], dim=2)
+    values = torch.cat([tiers.sink_v, tiers.chunk_v.flatten(2, 3), tiers.gist_v, tiers.recent_v], dim=2)
+
+    # Visibility of each key column, in the same tier order. (B, Hk, T, S0 + N*Cm + N + R)
+    sink_on = tiers.sink_valid[:, None, None, :].expand(batch, kv_heads, length, -1)
+    raw_on = vis.chunk_on[..., None] & tiers.chunk_valid[:, None, None]  # (B, Hk, T, N, Cm)
+    recent_on = vis.recent_on[:, None].expand(batch, kv_heads, length, -1)
+    mask = torch.cat([sink_on, raw_on.reshape(batch, kv_heads, length, num_chunks * chunk_len),
+                      vis.gist_on, recent_on], dim=-1)
+
+    # Queries of one group share the mask. (B, Hk, G*T, D)
+    grouped = query.reshape(batch, kv_heads, group * length, dim)
+    mask = mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, kv_heads, group * length, -1)
+    mask = _keep_rows_finite(mask)
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scaling)
+    return out.reshape(batch, heads, length, dim)
+
+
+def attend_gathered(query: torch.Tensor, tiers: Tiers, vis: Visibility, scaling: float) -> torch.Tensor:
+    """Attend one query per row (T = 1) to sinks, recalled chunks, their gists and recent tokens.
+
+    With ``gist_mode="all"`` (the ``gist-only`` method and layer 0) every gist is read, because
+    every gist is attended there.
+    """
+    batch, heads, length, dim = query.shape
+    if length != 1:
+        raise ValueError(f"the gathered path takes one query per row, got {length}")
+    kv_heads = tiers.num_kv_heads
+    chunk_on = vis.chunk_on[:, :, 0]  # (B, Hk, N)
+
+    # Indices of recalled chunks, padded to the largest count K. (B, Hk, K)
+    count = int(chunk_on.sum(-1).max()) if chunk_on.numel() else 0
+    order = torch.sort(chunk_on.to(torch.int8), dim=-1, descending=True, stable=True)
+    index, picked = order.indices[..., :count], order.values[..., :count].bool()
+    b = torch.arange(batch, device=query.device)[:, None, None]
+    h = torch.arange(kv_heads, device=query.device)[None, :, None]
+    raw_k = tiers.chunk_k[b, h, index].flatten(2, 3)  # (B, Hk, K*Cm, D)
+    raw_v = tiers.chunk_v[b, h, index].flatten(2, 3)
+    raw_on = (tiers.chunk_valid[b, index] & picked[..., None]).flatten(2, 3)  # (B, Hk, K*Cm)
+
+    # Gists: those of the recalled chunks, every visible gist, or none when gists only route.
+    if vis.gist_mode == "chunks":
+        gist_k, gist_v, gist_on = tiers.gist_k[b, h, index], tiers.gist_v[b, h, index], picked
+    elif vis.gist_mode == "all":
+        gist_k, gist_v, gist_on = tiers.gist_k, tiers.gist_v, vis.gist_on[:, :, 0]
+    else:
+        gist_k, gist_v, gist_on = tiers.gist_k[:, :, :0], tiers.gist_v[:, :, :0], picked[..., :0]
+
+    keys = torch.cat([tiers.sink_k, raw_k, gist_k, tiers.recent_k], dim=2)  # (B, Hk, L, D)
+    values = torch.cat([tiers.sink_v, raw_v, gist_v, tiers.recent_v], dim=2)
+    mask = torch.cat([tiers.sink_valid[:, None].expand(-1, kv_heads, -1), raw_on, gist_on,
+                      vis.recent_on[:, 0][:, None].expand(-1, kv_heads, -1)], dim=-1)  # (B, Hk, L)
+
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # (B, Hk, G, D)
+    mask = _keep_rows_finite(mask[:, :, None, :])  # (B, Hk, 1, L)
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scaling)
+    return out.reshape(batch, heads, 1, dim)
+
+
+def _keep_rows_finite(mask: torch.Tensor) -> torch.Tensor:
+    """Let rows with no visible key (padding queries) see every key, so softmax stays finite."""
+    empty = ~mask.any(dim=-1, keepdim=True)
+    return mask | empty

@@ -1,0 +1,113 @@
+"""Reference twins of the fast ops, written as plain loops to be obviously correct.
+
+They are slow (Python loops over batch, heads, queries and keys) and serve as test oracles and
+as the ``impl="naive"`` path for small inputs. Shapes follow the fast ops they mirror.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gsa.ops.attend import Visibility
+from gsa.tiers import Tiers
+
+
+def naive_select(
+    scores: torch.Tensor, candidate: torch.Tensor, k: torch.Tensor, merge: str = "union",
+    top_p: float | None = None,
+) -> torch.Tensor:
+    """Loop twin of ``select_chunks``: (B, Hk, G, T, N) scores -> (B, Hk, T, N) chosen chunks."""
+    batch, kv_heads, group, length, num_chunks = scores.shape
+    chosen = torch.zeros(batch, kv_heads, length, num_chunks, dtype=torch.bool)
+    for b in range(batch):
+        for h in range(kv_heads):
+            for t in range(length):
+                options = [n for n in range(num_chunks) if candidate[b, t, n]]
+                if merge == "group-sum":
+                    per_head = [{n: sum(float(scores[b, h, g, t, n]) for g in range(group)) for n in options}]
+                else:
+                    per_head = [{n: float(scores[b, h, g, t, n]) for n in options} for g in range(group)]
+                for head_scores in per_head:
+                    for n in _choose(head_scores, int(k[b, t]), top_p):
+                        chosen[b, h, t, n] = True
+    return chosen
+
+
+def _choose(scores: dict[int, float], k: int, top_p: float | None) -> list[int]:
+    ranked = sorted(scores, key=lambda n: (-scores[n], n))
+    if top_p is None:
+        return ranked[:k]
+    if not ranked:
+        return []
+    top = max(scores.values())
+    weights = {n: math.exp(scores[n] - top) for n in ranked}
+    total = sum(weights.values())
+    picked, mass = [], 0.0
+    for n in ranked:
+        if mass >= top_p:
+            break
+        picked.append(n)
+        mass += weights[n] / total
+    return picked
+
+
+def naive_tier_attention(query: torch.Tensor, tiers: Tiers, vis: Visibility, scaling: float) -> torch.Tensor:
+    """Loop twin of ``attend_masked`` and ``attend_gathered``: (B, H, T, D) -> (B, H, T, D)."""
+    batch, heads, length, dim = query.shape
+    group = heads // tiers.num_kv_heads
+    out = torch.zeros(batch, heads, length, dim, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            hk = h // group
+            for t in range(length):
+                keys, values = _visible_keys(tiers, vis, b, hk, t)
+                if not keys:
+                    continue
+                out[b, h, t] = _softmax_attend(query[b, h, t], keys, values, scaling)
+    return out.to(query.dtype)
+
+
+def _visible_keys(tiers: Tiers, vis: Visibility, b: int, hk: int, t: int):
+    keys, values = [], []
+    for s in range(tiers.sink_valid.shape[1]):
+        if tiers.sink_valid[b, s]:
+            keys.append(tiers.sink_k[b, hk, s]), values.append(tiers.sink_v[b, hk, s])
+    for n in range(tiers.chunk_valid.shape[1]):
+        if vis.chunk_on[b, hk, t, n]:
+            for c in range(tiers.chunk_valid.shape[2]):
+                if tiers.chunk_valid[b, n, c]:
+                    keys.append(tiers.chunk_k[b, hk, n, c]), values.append(tiers.chunk_v[b, hk, n, c])
+        if vis.gist_on[b, hk, t, n]:
+            keys.append(tiers.gist_k[b, hk, n]), values.append(tiers.gist_v[b, hk, n])
+    for r in range(tiers.recent_valid.shape[1]):
+        if vis.recent_on[b, t, r]:
+            keys.append(tiers.recent_k[b, hk, r]), values.append(tiers.recent_v[b, hk, r])
+    return keys, values
+
+
+def naive_masked_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Loop twin of masked SDPA with GQA: (B, H, T, D), (B, Hk, S, D), mask (B, 1, T, S)."""
+    batch, heads, length, dim = query.shape
+    group = heads // key.shape[1]
+    out = torch.zeros(batch, heads, length, dim, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            for t in range(length):
+                cols = [s for s in range(key.shape[2]) if mask[b, 0, t, s]]
+                keys = [key[b, h // group, s] for s in cols]
+                values = [value[b, h // group, s] for s in cols]
+                if keys:
+                    out[b, h, t] = _softmax_attend(query[b, h, t], keys, values, scaling)
+    return out.to(query.dtype)
+
+
+def _softmax_attend(q: torch.Tensor, keys: list, values: list, scaling: float) -> torch.Tensor:
+    logits = [float(q.double() @ k.double()) * scaling for k in keys]
+    top = max(logits)
+    weights = [math.exp(x - top) for x in logits]
+    total = sum(weights)
+    return sum(w / total * v.double() for w, v in zip(weights, values))

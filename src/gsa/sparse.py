@@ -1,0 +1,100 @@
+"""Selective unfolding for queries that read the tiers: score gists, recall chunks, attend.
+
+Shape legend: B batch, T queries, H query heads, Hk KV heads, G = H / Hk, D head dim, N chunks,
+R recent tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gsa.config import GSAConfig
+from gsa.ops.attend import Visibility, attend_gathered, attend_masked, attended_counts, recent_visibility
+from gsa.ops.naive import naive_select, naive_tier_attention
+from gsa.ops.select import budget, score_gists, select_chunks
+from gsa.tiers import Tiers
+
+
+@dataclass
+class KeyCounts:
+    """Keys read per (B, Hk, T) by one layer: all attended, raw attended, and full attention's."""
+
+    attended: torch.Tensor
+    raw: torch.Tensor
+    full: torch.Tensor
+
+
+def selects_in_layer(config: GSAConfig, layer_idx: int) -> bool:
+    """Whether ``layer_idx`` recalls chunks by gist score (layer 0 uses the gist mask by default)."""
+    if config.method != "gsa":
+        return False
+    return layer_idx > 0 or config.select_first_layer
+
+
+def visibility(
+    query: torch.Tensor, tiers: Tiers, query_slot: torch.Tensor, config: GSAConfig, layer_idx: int,
+    scaling: float,
+) -> Visibility:
+    """Decide which chunks and gists each query attends, per KV head.
+
+    Chunks in the local window (the last P full chunks) are always unfolded. Outside it, ``gsa``
+    recalls the top-k chunks by gist score, gists included, and hides the rest; ``gist-only``
+    (and layer 0) attends every gist and no old raw chunk. With ``prefill="dense"`` gists only
+    route and are never attended.
+    """
+    batch, heads, length, _ = query.shape
+    kv_heads = tiers.num_kv_heads
+    num_chunks = tiers.gist_valid.shape[1]
+    recent_on = recent_visibility(tiers, query_slot)  # (B, T, R)
+
+    chunk_idx = torch.arange(num_chunks, device=query.device)
+    in_window = chunk_idx[None, :] >= (tiers.num_chunks - config.spec.window_chunks)[:, None]
+    window = (tiers.gist_valid & in_window)[:, None, None].expand(batch, kv_heads, length, num_chunks)
+    routing_only = config.prefill == "dense"
+    if not selects_in_layer(config, layer_idx):
+        if routing_only:
+            return Visibility(window, torch.zeros_like(window), recent_on, gist_mode="none")
+        every_gist = tiers.gist_valid[:, None, None].expand(batch, kv_heads, length, num_chunks)
+        return Visibility(chunk_on=window, gist_on=every_gist, recent_on=recent_on, gist_mode="all")
+
+    candidate = (tiers.gist_valid & ~in_window)[:, None, :].expand(batch, length, num_chunks)
+    k = _chunks_to_recall(tiers, recent_on, config, heads // kv_heads)
+    scores = score_gists(query, tiers.gist_k, scaling)  # (B, Hk, G, T, N)
+    if config.impl == "naive":
+        chosen = naive_select(scores.cpu(), candidate.cpu(), k.cpu(), config.merge, config.top_p)
+        chosen = chosen.to(query.device)
+    else:
+        chosen = select_chunks(scores, candidate, k, config.merge, config.top_p)
+    chunk_on = chosen | window
+    if routing_only:
+        return Visibility(chunk_on, torch.zeros_like(chunk_on), recent_on, gist_mode="none")
+    return Visibility(chunk_on=chunk_on, gist_on=chunk_on, recent_on=recent_on)
+
+
+def _chunks_to_recall(tiers: Tiers, recent_on: torch.Tensor, config: GSAConfig, group: int) -> torch.Tensor:
+    batch, length = recent_on.shape[:2]
+    if config.top_k is not None:
+        return torch.full((batch, length), config.top_k, dtype=torch.long, device=recent_on.device)
+    stored = tiers.sink_valid.sum(-1) + tiers.chunk_valid.sum((-1, -2)) + tiers.gist_valid.sum(-1)  # (B,)
+    num_keys = stored[:, None] + recent_on.sum(-1)  # (B, T)
+    return budget(num_keys, tiers.gist_valid.sum(-1), config.ratio, group, config.spec.chunk_size)
+
+
+def selective_attention(
+    query: torch.Tensor, tiers: Tiers, query_slot: torch.Tensor, config: GSAConfig, layer_idx: int,
+    scaling: float,
+) -> tuple[torch.Tensor, KeyCounts]:
+    """Attend (B, H, T, D) queries at recent slots ``query_slot`` (B, T) to the tiers.
+
+    Returns the (B, H, T, D) output and the key counts of this layer.
+    """
+    vis = visibility(query, tiers, query_slot, config, layer_idx, scaling)
+    if config.impl == "naive":
+        out = naive_tier_attention(query, tiers, vis, scaling)
+    elif query.shape[2] == 1:
+        out = attend_gathered(query, tiers, vis, scaling)
+    else:
+        out = attend_masked(query, tiers, vis, scaling)
+    return out, KeyCounts(*attended_counts(tiers, vis))

@@ -1,0 +1,76 @@
+"""The KV tiers of one attention layer: sinks, raw chunks, gists and recent tokens.
+
+Selective attention reads keys and values by tier rather than in sequence order. Raw chunks are
+stored as a (B, Hk, N, Cm, D) block so that recalling chunk n is one index on the N dimension, and
+the gists of those chunks as (B, Hk, N, D). Sinks and recent tokens (the context tail, the suffix
+and every generated token) are always attended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gsa.layout import GistBatch
+
+
+@dataclass
+class Tiers:
+    """Keys and values of one layer by tier, with validity masks for padded slots."""
+
+    sink_k: torch.Tensor  # (B, Hk, S0, D)
+    sink_v: torch.Tensor
+    sink_valid: torch.Tensor  # (B, S0)
+    chunk_k: torch.Tensor  # (B, Hk, N, Cm, D)
+    chunk_v: torch.Tensor
+    chunk_valid: torch.Tensor  # (B, N, Cm)
+    gist_k: torch.Tensor  # (B, Hk, N, D)
+    gist_v: torch.Tensor
+    gist_valid: torch.Tensor  # (B, N)
+    recent_k: torch.Tensor  # (B, Hk, R, D)
+    recent_v: torch.Tensor
+    recent_valid: torch.Tensor  # (B, R)
+    num_chunks: torch.Tensor  # (B,)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.sink_k.shape[1]
+
+    def append_recent(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Append T new tokens, (B, Hk, T, D), to the recent tier."""
+        self.recent_k = torch.cat([self.recent_k, key], dim=2)
+        self.recent_v = torch.cat([self.recent_v, value], dim=2)
+        new_valid = torch.ones(key.shape[0], key.shape[2], dtype=torch.bool, device=key.device)
+        self.recent_valid = torch.cat([self.recent_valid, new_valid], dim=1)
+
+    def nbytes(self) -> int:
+        tensors = (self.sink_k, self.sink_v, self.chunk_k, self.chunk_v, self.gist_k, self.gist_v,
+                   self.recent_k, self.recent_v)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def gather_columns(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather sequence columns of ``states`` (B, Hk, L, D) by ``index`` (B, *X); -1 reads column 0.
+
+    Returns (B, Hk, *X, D).
+    """
+    batch, heads, _, dim = states.shape
+    flat = index.clamp(min=0).reshape(batch, 1, -1, 1).expand(batch, heads, -1, dim)
+    gathered = states.gather(2, flat)  # (B, Hk, prod(X), D)
+    return gathered.reshape(batch, heads, *index.shape[1:], dim)
+
+
+def split_tiers(key: torch.Tensor, value: torch.Tensor, batch: GistBatch) -> Tiers:
+    """Split flat prompt states (B, Hk, L, D) into tiers through the batch's index maps."""
+    def take(index):
+        return gather_columns(key, index), gather_columns(value, index), index >= 0
+
+    sink_k, sink_v, sink_valid = take(batch.sink_index)
+    chunk_k, chunk_v, chunk_valid = take(batch.chunk_index)
+    gist_k, gist_v, gist_valid = take(batch.gist_index)
+    recent_k, recent_v, recent_valid = take(batch.recent_index)
+    return Tiers(
+        sink_k, sink_v, sink_valid, chunk_k, chunk_v, chunk_valid, gist_k, gist_v, gist_valid,
+        recent_k, recent_v, recent_valid, batch.num_chunks.to(key.device),
+    )
