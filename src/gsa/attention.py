@@ -50,6 +50,30 @@ class LayerView:
     on_counts: Callable[[int, KeyCounts], None] | None = None
 
 
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_windows(model_config) -> list[int | None]:
+    """Return each decoder layer's sliding window, or None for global attention.
+
+    Raises:
+        ValueError: a layer type other than full or sliding-window attention (linear attention,
+            state-space layers), which ``gsa`` cannot serve.
+    """
+    num_layers = model_config.num_hidden_layers
+    window = getattr(model_config, "sliding_window", None)
+    types = getattr(model_config, "layer_types", None)
+    if types is None:
+        types = ["sliding_attention" if window else "full_attention"] * num_layers
+    unsupported = sorted(set(types) - set(SUPPORTED_LAYER_TYPES))
+    if unsupported:
+        raise ValueError(
+            f"gsa supports full and sliding-window attention layers, but this model has {unsupported}; "
+            "use a decoder whose layers are all attention layers"
+        )
+    return [window if kind == "sliding_attention" else None for kind in types[:num_layers]]
+
+
 _ACTIVE_VIEW: contextvars.ContextVar[LayerView | None] = contextvars.ContextVar("gsa_layer_view", default=None)
 
 
@@ -98,8 +122,8 @@ def _take_view(module: torch.nn.Module, kwargs: dict) -> LayerView:
             "gsa attention needs a gist layout: pass a GistCache as the cache, or pass gist_batch= and "
             "gsa_config= to the forward call"
         )
-    windows = kwargs.get("gsa_windows") or {}
-    return LayerView(layer_idx, config, batch, prefill=True, window=windows.get(layer_idx))
+    window = layer_windows(module.config)[layer_idx]
+    return LayerView(layer_idx, config, batch, prefill=True, window=window)
 
 
 def _prefill_attention(query, key, value, view: LayerView, scaling: float) -> torch.Tensor:
@@ -110,13 +134,15 @@ def _prefill_attention(query, key, value, view: LayerView, scaling: float) -> to
     else:
         rule = dense_prefill_mask(batch) if config.prefill == "dense" else gist_mask(batch)
     out = masked_attention(query, key, value, rule, scaling, naive=config.impl == "naive")
-    if config.method == "full" or batch.suffix_index.shape[1] == 0:
+    if batch.suffix_index.shape[1] == 0:
         return out
 
     # Suffix queries recall chunks from this layer's tiers. (B, H, Tq, D)
     tiers = view.tiers if view.tiers is not None else split_tiers(key, value, batch)
     suffix_query = gather_columns(query, batch.suffix_index)
-    suffix_out, _ = selective_attention(suffix_query, tiers, batch.suffix_slot, config, view.layer_idx, scaling)
+    suffix_out, counts = selective_attention(suffix_query, tiers, batch.suffix_slot, config, view.layer_idx, scaling)
+    if view.on_counts is not None:  # the last suffix query produces the first generated token
+        view.on_counts(view.layer_idx, KeyCounts(*(c[..., -1:] for c in (counts.attended, counts.raw, counts.full))))
     valid = batch.suffix_index >= 0
     rows, cols = valid.nonzero(as_tuple=True)
     out = out.clone()

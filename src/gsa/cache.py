@@ -17,39 +17,18 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from gsa.attention import LayerView, publish_view
+from gsa.attention import LayerView, layer_windows, publish_view
 from gsa.config import GSAConfig
 from gsa.layout import GistBatch, TokenKind
 from gsa.sparse import KeyCounts
 from gsa.tiers import Tiers, split_tiers
 
-SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
-
-
-def layer_windows(model_config) -> list[int | None]:
-    """Return each decoder layer's sliding window, or None for global attention.
-
-    Raises:
-        ValueError: a layer type other than full or sliding-window attention (linear attention,
-            state-space layers), which ``gsa`` cannot serve.
-    """
-    num_layers = model_config.num_hidden_layers
-    window = getattr(model_config, "sliding_window", None)
-    types = getattr(model_config, "layer_types", None)
-    if types is None:
-        types = ["sliding_attention" if window else "full_attention"] * num_layers
-    unsupported = sorted(set(types) - set(SUPPORTED_LAYER_TYPES))
-    if unsupported:
-        raise ValueError(
-            f"gsa supports full and sliding-window attention layers, but this model has {unsupported}; "
-            "use a decoder whose layers are all attention layers"
-        )
-    return [window if kind == "sliding_attention" else None for kind in types[:num_layers]]
-
-
 @dataclass
 class DecodeStats:
-    """Keys read during decode steps, summed over layers, KV heads, queries and steps."""
+    """Keys read per generated token, summed over global-attention layers, KV heads and steps.
+
+    Each step is the query that produces one token: the last prompt token, then each decode token.
+    """
 
     steps: int = 0
     events: int = 0
@@ -108,7 +87,7 @@ class GistLayer(CacheLayerMixin):
             key_states, value_states = self._update_flat(key_states, value_states, view)
         elif prefill:
             self.tiers = split_tiers(key_states, value_states, owner.batch)
-            view.tiers = self.tiers
+            view.tiers, view.on_counts = self.tiers, owner.stats.add
         else:
             start = self.tiers.recent_valid.shape[1]
             self.tiers.append_recent(key_states, value_states)
@@ -190,7 +169,7 @@ class GistCache(Cache):
         return kind[:, :length]
 
     def report_layer(self, layer_idx: int, prefill: bool) -> None:
-        if layer_idx == 0 and not prefill:
+        if layer_idx == 0:
             self.stats.steps += 1
         if self.on_layer is not None:
             self.on_layer(layer_idx, prefill)

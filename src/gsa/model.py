@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from gsa import attention
-from gsa.cache import layer_windows
+from gsa.attention import layer_windows
 from gsa.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
