@@ -219,3 +219,15 @@ def test_recent_visibility_is_causal():
             expected = [bool(tiers.recent_valid[b, r]) and r <= slot for r in range(tiers.recent_valid.shape[1])]
             assert visible[b, t].tolist() == expected
 
+
+
+def test_mean_key_router_matches_loops():
+    from gsa.sparse import routing_keys
+
+    batch, tiers = ragged_tiers(chunk_size=3, kv_heads=2, seed=12)
+    keys = routing_keys(tiers, "mean-key")
+    for b in range(2):
+        for n in range(int(batch.num_chunks[b])):
+            slots = [c for c in range(tiers.chunk_valid.shape[2]) if tiers.chunk_valid[b, n, c]]
+            expected = sum(tiers.chunk_k[b, :, n, c] for c in slots) / len(slots)
+            assert relative_error(keys[b, :, n], expected) < 1e-6

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import sys
@@ -117,7 +119,9 @@ def run_generate(args) -> int:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model)
+    # The GGUF loader draws its own progress bar on stderr; it is shown only with --verbose.
+    with contextlib.nullcontext() if args.verbose else contextlib.redirect_stderr(io.StringIO()):
+        model, tokenizer = load_model(args.model)
     generator = GistGenerator(model, tokenizer)
     batch = generator.build_batch([context], [question], config, args.max_new_tokens)
 

@@ -11,6 +11,7 @@ METHODS = ("gsa", "gist-only", "full")
 MERGES = ("union", "group-sum")
 PREFILLS = ("gist", "dense")
 IMPLS = ("fast", "naive")
+ROUTERS = ("gist", "mean-key")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class GSAConfig:
         prefill: ``gist`` runs the context under the gist mask; ``dense`` runs it with full causal
             attention, so untrained gists only route (a training-free mode).
         impl: ``fast`` (vectorised) or ``naive`` (loop-by-loop reference twin).
+        router: keys that score chunks: ``gist`` (the gist's own key) or ``mean-key`` (the mean
+            of the chunk's raw keys, which needs no training).
         select_first_layer: also select in layer 0, whose gists carry little information; off by
             default, so layer 0 attends under the gist mask.
     """
@@ -43,6 +46,7 @@ class GSAConfig:
     merge: str = "union"
     prefill: str = "gist"
     impl: str = "fast"
+    router: str = "gist"
     select_first_layer: bool = False
 
     def __post_init__(self) -> None:
@@ -50,6 +54,7 @@ class GSAConfig:
         _check_choice("merge", self.merge, MERGES)
         _check_choice("prefill", self.prefill, PREFILLS)
         _check_choice("impl", self.impl, IMPLS)
+        _check_choice("router", self.router, ROUTERS)
         if self.top_k is not None and self.top_k < 1:
             raise InvalidInputError(f"top-k must be at least 1, got {self.top_k}; omit it to use the budget rule")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:

@@ -98,6 +98,10 @@ def chunk_bounds(length: int, spec: GistSpec, word_starts: list[bool] | None = N
     token begins a word), a chunk end that would fall inside a word moves forward to the next
     word start, by at most C // 2 tokens.
     """
+    if spec.word_boundary and word_starts is not None and len(word_starts) != length:
+        raise InvalidInputError(
+            f"word_starts has {len(word_starts)} entries for a context of {length} tokens; pass one flag per token"
+        )
     bounds = []
     start = min(spec.sinks, length)
     while start + spec.chunk_size <= length:
@@ -201,8 +205,7 @@ def collate(sequences: list[GistedSequence], spec: GistSpec, pad_id: int) -> Gis
         raise ValueError("cannot collate an empty list of sequences")
     width = max(len(s) for s in sequences)
     rows = [_pad_row(s, width, pad_id) for s in sequences]
-    stack = lambda i: torch.tensor([r[i] for r in rows], dtype=torch.long)  # noqa: E731
-    input_ids, position_ids, kind, chunk = stack(0), stack(1), stack(2), stack(3)
+    input_ids, position_ids, kind, chunk = (torch.tensor(column, dtype=torch.long) for column in zip(*rows))
     num_chunks = torch.tensor([s.num_chunks for s in sequences], dtype=torch.long)
 
     maps = [_tier_maps(kind[b], chunk[b], int(num_chunks[b])) for b in range(len(sequences))]

@@ -56,7 +56,8 @@ def padding(kind: torch.Tensor) -> MaskFunction:
 
 
 def sliding_window(window: int) -> MaskFunction:
-    """Keys fewer than ``window`` columns before the query, the query included."""
+    """Keys fewer than ``window`` columns before the query, the query included; later keys pass
+    too, so combine it with ``causal``."""
     return lambda b, h, q_idx, kv_idx: q_idx - kv_idx < window
 
 
@@ -64,7 +65,7 @@ def own_chunk(chunk: torch.Tensor) -> MaskFunction:
     """Keys of the query's own chunk; a gist belongs to the chunk it closes. ``chunk`` is (B, S)::
 
             s a b G c d H e q
-        s   x . . . . . . . .
+        s   . . . . . . . . .
         a   . x x x . . . . .
         G   . x x x . . . . .
         e   . . . . . . . x x

@@ -61,7 +61,7 @@ def visibility(
 
     candidate = (tiers.gist_valid & ~in_window)[:, None, :].expand(batch, length, num_chunks)
     k = _chunks_to_recall(tiers, recent_on, config, heads // kv_heads)
-    scores = score_gists(query, tiers.gist_k, scaling)  # (B, Hk, G, T, N)
+    scores = score_gists(query, routing_keys(tiers, config.router), scaling)  # (B, Hk, G, T, N)
     if config.impl == "naive":
         chosen = naive_select(scores.cpu(), candidate.cpu(), k.cpu(), config.merge, config.top_p)
         chosen = chosen.to(query.device)
@@ -71,6 +71,15 @@ def visibility(
     if routing_only:
         return Visibility(chunk_on, torch.zeros_like(chunk_on), recent_on, gist_mode="none")
     return Visibility(chunk_on=chunk_on, gist_on=chunk_on, recent_on=recent_on)
+
+
+def routing_keys(tiers: Tiers, router: str) -> torch.Tensor:
+    """Keys that represent each chunk when scoring: its gist key, or the mean of its raw keys
+    (a training-free router in the manner of MoBA and InfLLM). Returns (B, Hk, N, D)."""
+    if router == "gist":
+        return tiers.gist_k
+    weights = tiers.chunk_valid[:, None, :, :, None].to(tiers.chunk_k.dtype)  # (B, 1, N, Cm, 1)
+    return (tiers.chunk_k * weights).sum(3) / weights.sum(3).clamp(min=1)
 
 
 def _chunks_to_recall(tiers: Tiers, recent_on: torch.Tensor, config: GSAConfig, group: int) -> torch.Tensor:

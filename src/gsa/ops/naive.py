@@ -70,21 +70,22 @@ def naive_tier_attention(query: torch.Tensor, tiers: Tiers, vis: Visibility, sca
 
 
 def _visible_keys(tiers: Tiers, vis: Visibility, b: int, hk: int, t: int):
-    keys, values = [], []
+    """List the (key, value) pairs query ``t`` of row ``b`` sees through KV head ``hk``, tier by tier."""
+    pairs = []
     for s in range(tiers.sink_valid.shape[1]):
         if tiers.sink_valid[b, s]:
-            keys.append(tiers.sink_k[b, hk, s]), values.append(tiers.sink_v[b, hk, s])
+            pairs.append((tiers.sink_k[b, hk, s], tiers.sink_v[b, hk, s]))
     for n in range(tiers.chunk_valid.shape[1]):
         if vis.chunk_on[b, hk, t, n]:
             for c in range(tiers.chunk_valid.shape[2]):
                 if tiers.chunk_valid[b, n, c]:
-                    keys.append(tiers.chunk_k[b, hk, n, c]), values.append(tiers.chunk_v[b, hk, n, c])
+                    pairs.append((tiers.chunk_k[b, hk, n, c], tiers.chunk_v[b, hk, n, c]))
         if vis.gist_on[b, hk, t, n]:
-            keys.append(tiers.gist_k[b, hk, n]), values.append(tiers.gist_v[b, hk, n])
+            pairs.append((tiers.gist_k[b, hk, n], tiers.gist_v[b, hk, n]))
     for r in range(tiers.recent_valid.shape[1]):
         if vis.recent_on[b, t, r]:
-            keys.append(tiers.recent_k[b, hk, r]), values.append(tiers.recent_v[b, hk, r])
-    return keys, values
+            pairs.append((tiers.recent_k[b, hk, r], tiers.recent_v[b, hk, r]))
+    return [k for k, _ in pairs], [v for _, v in pairs]
 
 
 def naive_masked_attention(
