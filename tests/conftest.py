@@ -53,3 +53,34 @@ def make_model(family: str = "llama", heads: int = 4, kv_heads: int = 2, seed: i
 @pytest.fixture
 def tiny_llama():
     return make_model("llama")
+
+
+TINY_POSITIONS = 256
+
+
+def tiny_llama_config(vocab_size: int, tie_word_embeddings: bool = True) -> LlamaConfig:
+    """A 2-layer GQA Llama config (4 query heads, 2 KV heads) with 256 positions."""
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=TINY_POSITIONS, tie_word_embeddings=tie_word_embeddings,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A directory with a tiny random Llama and the real SmolLM2 tokenizer, loadable with ``--model``.
+
+    The tokenizer comes from the embedded GGUF file, so no hub is contacted. It is saved without
+    the gist token; each load adds its own.
+    """
+    from transformers import AutoTokenizer
+
+    from gsa.model import embedded_model_path
+
+    gguf = embedded_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -180,3 +180,52 @@ def test_missing_layout_raises():
     model = make_model("llama")
     with pytest.raises(RuntimeError, match="gist layout"):
         model(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+@pytest.mark.parametrize("method", ["streaming", "quest", "mean-key", "random", "recent", "oracle"])
+def test_baseline_decode_equals_parallel(method):
+    model = make_model("llama", heads=6, kv_heads=2)
+    config = GSAConfig(spec=SPEC, method=method)
+    contexts, suffix, steps = [context(66, 12)], [[5, 6]], [[9, 10, 11]]
+    decoded = cached_steps(model, gisted(contexts, suffix), config, steps)
+    parallel = uncached_logits(model, gisted(contexts, [suffix[0] + steps[0]]), config)[:, -4:]
+    assert relative_error(decoded, parallel) < 1e-4
+
+
+@pytest.mark.parametrize("method", ["streaming", "quest", "mean-key", "random", "recent", "oracle"])
+def test_baselines_never_attend_gists(method):
+    """Baselines route on raw keys, so the gist tokens in the prompt must not change any logit."""
+    model = make_model("llama")
+    config = GSAConfig(spec=SPEC, method=method, top_k=100, select_first_layer=True)
+    context_ids, suffix_ids = context(45, 13), [4, 5]
+    with_gists = uncached_logits(model, gisted([context_ids], [suffix_ids]), config)[:, -2:]
+    other_gist = uncached_logits(model, gisted([context_ids], [suffix_ids], gist_id=GIST_ID - 3), config)[:, -2:]
+    assert relative_error(with_gists, other_gist) < 1e-5
+
+
+def test_budget_equal_across_methods():
+    """Per-group methods recall k * G chunks, the most a per-head method reaches after the union."""
+    model = make_model("llama", heads=6, kv_heads=2)
+    spec = GistSpec(chunk_size=4, sinks=2)
+    keys = {}
+    for method in ["gsa", "streaming", "random", "quest"]:
+        config = GSAConfig(spec=spec, method=method, top_k=2, prefill="dense")
+        batch = gisted([context(120, 14)], [[5]], spec=spec)
+        cache = GistCache(model.config, batch, config)
+        with torch.no_grad():
+            model(input_ids=batch.input_ids, position_ids=batch.position_ids, cache=cache)
+        keys[method] = cache.stats.attended / cache.stats.events
+    assert keys["streaming"] == keys["random"]
+    assert keys["gsa"] <= keys["streaming"]
+    assert keys["quest"] <= keys["streaming"]
+
+
+@pytest.mark.parametrize("method", ["random", "quest", "oracle"])
+def test_baseline_batch_equals_each_row(method):
+    model = make_model("llama")
+    config = GSAConfig(spec=SPEC, method=method)
+    contexts, suffixes, steps = [context(70, 15), context(31, 16)], [[5, 6, 7], [8]], [[11, 12], [13, 14]]
+    together = cached_steps(model, gisted(contexts, suffixes), config, steps)
+    for row in range(2):
+        alone = cached_steps(model, gisted([contexts[row]], [suffixes[row]]), config, [steps[row]])
+        assert relative_error(together[row], alone[0]) < 1e-4

@@ -221,13 +221,14 @@ def test_recent_visibility_is_causal():
 
 
 
-def test_mean_key_router_matches_loops():
-    from gsa.sparse import routing_keys
+@pytest.mark.parametrize("name", ["gsa", "mean-key", "quest"])
+def test_method_scores_match_loops(name):
+    from gsa.methods import SelectionInputs, get_method
 
     batch, tiers = ragged_tiers(chunk_size=3, kv_heads=2, seed=12)
-    keys = routing_keys(tiers, "mean-key")
-    for b in range(2):
-        for n in range(int(batch.num_chunks[b])):
-            slots = [c for c in range(tiers.chunk_valid.shape[2]) if tiers.chunk_valid[b, n, c]]
-            expected = sum(tiers.chunk_k[b, :, n, c] for c in slots) / len(slots)
-            assert relative_error(keys[b, :, n], expected) < 1e-6
+    query = torch.randn(2, 6, 2, 8)
+    inputs = SelectionInputs(query, tiers, recent_visibility(tiers, batch.suffix_slot[:, -2:]), 0.3)
+    method = get_method(name)
+    fast, slow = method.scores(inputs), method.scores_naive(inputs)
+    candidate = tiers.gist_valid[:, None, None, None, :].expand_as(fast)
+    assert relative_error(fast[candidate], slow[candidate]) < TOLERANCE

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from gsa.config import GSAConfig
+from gsa.errors import InvalidInputError
 from gsa.layout import GistBatch
 from gsa.masks import (
     and_masks, causal, causal_mask, dense_mask, dense_prefill_mask, gist_mask, padding, sliding_window,
@@ -37,7 +38,7 @@ QUERY_BLOCK = 1024  # prefill query rows masked at once, bounding the mask to (B
 
 @dataclass
 class LayerView:
-    """What one layer's attention call needs to know about the batch and its cache."""
+    """Layout, settings and cache tiers that one layer's attention call reads."""
 
     layer_idx: int
     config: GSAConfig
@@ -57,7 +58,7 @@ def layer_windows(model_config) -> list[int | None]:
     """Return each decoder layer's sliding window, or None for global attention.
 
     Raises:
-        ValueError: a layer type other than full or sliding-window attention (linear attention,
+        InvalidInputError: a layer type other than full or sliding-window attention (linear attention,
             state-space layers), which ``gsa`` cannot serve.
     """
     num_layers = model_config.num_hidden_layers
@@ -67,7 +68,7 @@ def layer_windows(model_config) -> list[int | None]:
         types = ["sliding_attention" if window else "full_attention"] * num_layers
     unsupported = sorted(set(types) - set(SUPPORTED_LAYER_TYPES))
     if unsupported:
-        raise ValueError(
+        raise InvalidInputError(
             f"gsa supports full and sliding-window attention layers, but this model has {unsupported}; "
             "use a decoder whose layers are all attention layers"
         )
@@ -95,7 +96,7 @@ def gsa_attention(
     """Attention under the gist layout: (B, H, T, D), (B, Hk, S, D) -> (B, T, H, D).
 
     ``attention_mask`` from transformers is ignored: padding, causality and sliding windows come
-    from the gist layout, which knows where gists sit.
+    from the gist layout, which records where gists sit.
     """
     view = _take_view(module, kwargs)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -129,10 +130,8 @@ def _take_view(module: torch.nn.Module, kwargs: dict) -> LayerView:
 def _prefill_attention(query, key, value, view: LayerView, scaling: float) -> torch.Tensor:
     """Context queries under the gist (or causal) mask; suffix queries with selective unfolding."""
     config, batch = view.config, view.batch
-    if config.method == "full":
-        rule = causal_mask(batch)
-    else:
-        rule = dense_prefill_mask(batch) if config.prefill == "dense" else gist_mask(batch)
+    rules = {"causal": causal_mask, "gist": gist_mask, "dense": dense_prefill_mask}
+    rule = rules[config.prefill_mask](batch)
     out = masked_attention(query, key, value, rule, scaling, naive=config.impl == "naive")
     if batch.suffix_index.shape[1] == 0:
         return out
@@ -172,8 +171,8 @@ def masked_attention(query, key, value, rule, scaling: float, naive: bool = Fals
 
 
 def _window_attention(query, key, value, view: LayerView, scaling: float) -> torch.Tensor:
-    """A sliding-window layer keeps its own rule: causal attention to the last W stored tokens,
-    gists included as ordinary tokens, with no chunk selection."""
+    """Attend causally to the last W stored tokens, gists included as ordinary tokens, with no
+    chunk selection: a sliding-window layer keeps its own rule."""
     kind = view.flat_kind if view.flat_kind is not None else view.batch.kind
     q_offset = key.shape[2] - query.shape[2]
     rule = and_masks(causal(), padding(kind), sliding_window(view.window))

@@ -75,8 +75,10 @@ class GistLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Store new (B, Hk, T, D) states and publish this layer's view; returns them unchanged
-        for the prompt, or the layer's flat KV for a sliding-window layer."""
+        """Store new (B, Hk, T, D) states and publish this layer's view.
+
+        Returns the new states unchanged, except in a sliding-window layer, which returns its flat KV.
+        """
         owner, prefill = self.owner, not self.is_initialized
         if prefill:
             self.lazy_initialization(key_states, value_states)
@@ -134,7 +136,7 @@ class GistLayer(CacheLayerMixin):
 
 
 class GistCache(Cache):
-    """KV cache for a batch gisted by ``gsa.layout``; pass it to ``model.generate(past_key_values=...)``.
+    """KV cache for a batch gisted by ``gsa.layout``; pass it to ``model.generate(cache=...)``.
 
     Args:
         model_config: the model's ``PretrainedConfig`` (layer count, sliding windows).

@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--question", help="question to answer (default with the sample document: its first sample question)")
     gen.add_argument("--model", help="local model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     gen.add_argument("--ratio", type=int, default=16, help="compression ratio, the chunk size C in tokens (default 16)")
-    gen.add_argument("--method", default="gsa", help="gsa, gist-only or full (default gsa)")
+    gen.add_argument("--method", default="gsa", help="gsa, gist-only, full, or a training-free baseline: "
+                     "streaming, quest, mean-key, random, recent, oracle (default gsa)")
     gen.add_argument("--top-k", type=int, help="chunks recalled per query head (default: the budget rule)")
     gen.add_argument("--top-p", type=float, help="recall chunks until their gist-score mass reaches this share")
     gen.add_argument("--merge", default="union", help="GQA merge of head choices: union or group-sum (default union)")
@@ -67,6 +68,8 @@ def read_context(source: str | None) -> tuple[str, str]:
         data, name = sys.stdin.buffer.read(), "standard input"
     else:
         path = Path(source)
+        if path.is_dir():
+            raise InvalidInputError(f"context {source} is a directory; pass a text file or - for standard input")
         if not path.is_file():
             raise InvalidInputError(f"context file {source} not found; pass an existing text file or - for standard input")
         try:
@@ -99,6 +102,12 @@ def _build_config(args):
 
     if args.max_new_tokens < 1:
         raise InvalidInputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.ratio < 1:
+        raise InvalidInputError(f"--ratio must be at least 1, got {args.ratio}; it is the chunk size in tokens")
+    if args.sample and not args.temperature > 0:
+        raise InvalidInputError(
+            f"--temperature must be above 0 with --sample, got {args.temperature}; omit --sample for greedy decoding"
+        )
     spec = GistSpec(chunk_size=args.ratio, sinks=args.sinks, window_chunks=args.window, word_boundary=args.word_boundary)
     return GSAConfig(spec=spec, method=args.method, top_k=args.top_k, top_p=args.top_p, merge=args.merge,
                      prefill=args.prefill, impl=args.impl)

@@ -6,12 +6,11 @@ from dataclasses import dataclass, field
 
 from gsa.errors import InvalidInputError
 from gsa.layout import GistSpec
+from gsa.methods import get_method
 
-METHODS = ("gsa", "gist-only", "full")
 MERGES = ("union", "group-sum")
 PREFILLS = ("gist", "dense")
 IMPLS = ("fast", "naive")
-ROUTERS = ("gist", "mean-key")
 
 
 @dataclass(frozen=True)
@@ -20,9 +19,11 @@ class GSAConfig:
 
     Attributes:
         spec: gist layout (chunk size, sinks, local window).
-        method: ``gsa`` recalls the top-k chunks per query head; ``gist-only`` attends every gist
-            and no old raw chunk (compression without recall); ``full`` inserts no gists and
-            attends everything.
+        method: name of a registered method (``gsa.methods.METHODS``). ``gsa`` recalls the top-k
+            chunks per query head by gist score; ``gist-only`` attends every gist and no old raw
+            chunk (compression without recall); ``full`` inserts no gists and attends everything;
+            ``streaming``, ``quest``, ``mean-key``, ``random``, ``recent`` and ``oracle`` are
+            training-free baselines that route on raw keys and never attend gists.
         top_k: chunks recalled per query head. ``None`` uses the budget rule
             k = floor(n / (r * G * C)) + 1, capped at max(1, floor(gists / 4)), where n is the
             number of keys, r the compression ratio and G the query heads per KV head.
@@ -33,8 +34,7 @@ class GSAConfig:
         prefill: ``gist`` runs the context under the gist mask; ``dense`` runs it with full causal
             attention, so untrained gists only route (a training-free mode).
         impl: ``fast`` (vectorised) or ``naive`` (loop-by-loop reference twin).
-        router: keys that score chunks: ``gist`` (the gist's own key) or ``mean-key`` (the mean
-            of the chunk's raw keys, which needs no training).
+        seed: seed of the ``random`` method's draws.
         select_first_layer: also select in layer 0, whose gists carry little information; off by
             default, so layer 0 attends under the gist mask.
     """
@@ -46,19 +46,34 @@ class GSAConfig:
     merge: str = "union"
     prefill: str = "gist"
     impl: str = "fast"
-    router: str = "gist"
+    seed: int = 0
     select_first_layer: bool = False
 
     def __post_init__(self) -> None:
-        _check_choice("method", self.method, METHODS)
+        get_method(self.method)  # raises for an unknown name
         _check_choice("merge", self.merge, MERGES)
         _check_choice("prefill", self.prefill, PREFILLS)
         _check_choice("impl", self.impl, IMPLS)
-        _check_choice("router", self.router, ROUTERS)
         if self.top_k is not None and self.top_k < 1:
             raise InvalidInputError(f"top-k must be at least 1, got {self.top_k}; omit it to use the budget rule")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise InvalidInputError(f"top-p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def inserts_gists(self) -> bool:
+        return get_method(self.method).inserts_gists
+
+    @property
+    def attends_gists(self) -> bool:
+        """Whether queries attend gist keys: only methods built on trained gists, under the gist mask."""
+        return get_method(self.method).reads_gist_content and self.prefill == "gist"
+
+    @property
+    def prefill_mask(self) -> str:
+        """Mask of the context prefill: ``causal`` without gists, ``gist``, or ``dense`` (gists only route)."""
+        if not self.inserts_gists:
+            return "causal"
+        return "gist" if self.attends_gists else "dense"
 
     @property
     def ratio(self) -> int:

@@ -60,7 +60,7 @@ class GistGenerator:
         for context, question in zip(contexts, questions):
             context_ids, suffix_ids = self._tokenize(context, question)
             self._check_lengths(context_ids, suffix_ids, config, max_new_tokens)
-            gist_id = None if config.method == "full" else self.gist_ids[0]
+            gist_id = self.gist_ids[0] if config.inserts_gists else None
             starts = self._word_starts(context_ids) if config.spec.word_boundary else None
             sequences.append(insert_gists(context_ids, suffix_ids, gist_id, config.spec, starts))
         pad_id = self.tokenizer.pad_token_id
@@ -82,7 +82,7 @@ class GistGenerator:
                 f"the context has {len(context_ids)} tokens; with the question and {max_new_tokens} new tokens that "
                 f"is {total}, over the model's {self.max_positions} positions; shorten the context or lower --max-new-tokens"
             )
-        if config.method != "full" and config.spec.chunk_size > len(context_ids) - config.spec.sinks:
+        if config.inserts_gists and config.spec.chunk_size > len(context_ids) - config.spec.sinks:
             raise InvalidInputError(
                 f"chunk size {config.spec.chunk_size} is larger than the context ({len(context_ids)} tokens, "
                 f"{config.spec.sinks} of them sinks); use a smaller --ratio or a longer context"

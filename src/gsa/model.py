@@ -5,9 +5,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import struct
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from gsa import attention
 from gsa.attention import layer_windows
@@ -53,7 +55,9 @@ def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float
         _check_causal_lm_dir(path)
         source, extra = str(path), {}
     elif path.exists():
-        raise InvalidInputError(f"model path {path} is neither a model directory nor a .gguf file")
+        raise InvalidInputError(
+            f"model path {path} is neither a model directory nor a .gguf file; pass a local model directory or .gguf file"
+        )
     else:
         raise InvalidInputError(f"model path {path} not found; pass a local model directory or .gguf file")
 
@@ -61,8 +65,12 @@ def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, **extra)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=True, **extra)
-    except (ValueError, OSError, KeyError) as error:
-        raise InvalidInputError(f"model at {path} could not be loaded as a causal LM: {error}") from error
+    except (ValueError, OSError, KeyError, SafetensorError, struct.error) as error:
+        # struct.error comes from the GGUF reader on a truncated file.
+        raise InvalidInputError(
+            f"model at {path} could not be loaded as a causal LM ({_one_line(error)}); pass a complete model "
+            "directory (config.json, weights and tokenizer files) or an intact .gguf file"
+        ) from error
     model.eval()
     return model, tokenizer
 
@@ -76,11 +84,19 @@ def _check_causal_lm_dir(path: Path) -> None:
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (ValueError, OSError, json.JSONDecodeError) as error:
-        raise InvalidInputError(f"model directory {path} has an unreadable config.json: {error}") from error
+        raise InvalidInputError(
+            f"model directory {path} has an unreadable config.json ({_one_line(error)}); "
+            "fix the file or pass a directory written by save_pretrained"
+        ) from error
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise InvalidInputError(
             f"model at {path} is a {config.model_type!r} model, not a causal LM; pass a decoder-only model"
         )
+
+
+def _one_line(error: Exception) -> str:
+    """Return the message of ``error`` with its line breaks collapsed, for one-line CLI errors."""
+    return " ".join(str(error).split())
 
 
 def enable_gsa(model, tokenizer, levels: int = 1) -> list[int]:
@@ -102,7 +118,7 @@ def enable_gsa(model, tokenizer, levels: int = 1) -> list[int]:
         model.set_attn_implementation(attention.ATTENTION_NAME)
     except (ValueError, NotImplementedError) as error:
         raise InvalidInputError(
-            f"cannot register gsa attention on {type(model).__name__}: {error}; "
+            f"cannot register gsa attention on {type(model).__name__}: {_one_line(error)}; "
             "use a model class that supports transformers' attention interface"
         ) from error
     return gist_ids

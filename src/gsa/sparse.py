@@ -13,7 +13,8 @@ import torch
 from gsa.config import GSAConfig
 from gsa.ops.attend import Visibility, attend_gathered, attend_masked, attended_counts, recent_visibility
 from gsa.ops.naive import naive_select, naive_tier_attention
-from gsa.ops.select import budget, score_gists, select_chunks
+from gsa.methods import SelectionInputs, get_method
+from gsa.ops.select import budget, select_chunks
 from gsa.tiers import Tiers
 
 
@@ -27,10 +28,12 @@ class KeyCounts:
 
 
 def selects_in_layer(config: GSAConfig, layer_idx: int) -> bool:
-    """Whether ``layer_idx`` recalls chunks by gist score (layer 0 uses the gist mask by default)."""
-    if config.method != "gsa":
+    """Whether ``layer_idx`` recalls chunks. Gist routers skip layer 0, whose gists carry little
+    information, unless ``select_first_layer`` is set."""
+    method = get_method(config.method)
+    if not method.selects:
         return False
-    return layer_idx > 0 or config.select_first_layer
+    return layer_idx > 0 or config.select_first_layer or not method.gist_router
 
 
 def visibility(
@@ -39,10 +42,10 @@ def visibility(
 ) -> Visibility:
     """Decide which chunks and gists each query attends, per KV head.
 
-    Chunks in the local window (the last P full chunks) are always unfolded. Outside it, ``gsa``
-    recalls the top-k chunks by gist score, gists included, and hides the rest; ``gist-only``
-    (and layer 0) attends every gist and no old raw chunk. With ``prefill="dense"`` gists only
-    route and are never attended.
+    Chunks in the local window (the last P full chunks) are always unfolded. Outside it, a
+    selecting method recalls its top chunks and hides the rest. Gists are attended only by
+    methods built on trained gists under the gist mask: those of recalled chunks for ``gsa``,
+    every gist for ``gist-only`` and for a layer that does not select.
     """
     batch, heads, length, _ = query.shape
     kv_heads = tiers.num_kv_heads
@@ -52,34 +55,28 @@ def visibility(
     chunk_idx = torch.arange(num_chunks, device=query.device)
     in_window = chunk_idx[None, :] >= (tiers.num_chunks - config.spec.window_chunks)[:, None]
     window = (tiers.gist_valid & in_window)[:, None, None].expand(batch, kv_heads, length, num_chunks)
-    routing_only = config.prefill == "dense"
     if not selects_in_layer(config, layer_idx):
-        if routing_only:
+        if not config.attends_gists:
             return Visibility(window, torch.zeros_like(window), recent_on, gist_mode="none")
         every_gist = tiers.gist_valid[:, None, None].expand(batch, kv_heads, length, num_chunks)
         return Visibility(chunk_on=window, gist_on=every_gist, recent_on=recent_on, gist_mode="all")
 
+    # Score the candidates (valid chunks outside the window) and recall the top ones.
+    method = get_method(config.method)
+    group = heads // kv_heads
     candidate = (tiers.gist_valid & ~in_window)[:, None, :].expand(batch, length, num_chunks)
-    k = _chunks_to_recall(tiers, recent_on, config, heads // kv_heads)
-    scores = score_gists(query, routing_keys(tiers, config.router), scaling)  # (B, Hk, G, T, N)
+    k = _chunks_to_recall(tiers, recent_on, config, group) * (group if method.per_group else 1)
+    inputs = SelectionInputs(query, tiers, recent_on, scaling, query_slot, seed=config.seed, layer_idx=layer_idx)
     if config.impl == "naive":
-        chosen = naive_select(scores.cpu(), candidate.cpu(), k.cpu(), config.merge, config.top_p)
-        chosen = chosen.to(query.device)
+        scores = method.scores_naive(inputs).cpu()
+        chosen = naive_select(scores, candidate.cpu(), k.cpu(), config.merge, config.top_p).to(query.device)
     else:
-        chosen = select_chunks(scores, candidate, k, config.merge, config.top_p)
+        chosen = select_chunks(method.scores(inputs), candidate, k, config.merge, config.top_p)
+
     chunk_on = chosen | window
-    if routing_only:
+    if not config.attends_gists:
         return Visibility(chunk_on, torch.zeros_like(chunk_on), recent_on, gist_mode="none")
     return Visibility(chunk_on=chunk_on, gist_on=chunk_on, recent_on=recent_on)
-
-
-def routing_keys(tiers: Tiers, router: str) -> torch.Tensor:
-    """Keys that represent each chunk when scoring: its gist key, or the mean of its raw keys
-    (a training-free router in the manner of MoBA and InfLLM). Returns (B, Hk, N, D)."""
-    if router == "gist":
-        return tiers.gist_k
-    weights = tiers.chunk_valid[:, None, :, :, None].to(tiers.chunk_k.dtype)  # (B, 1, N, Cm, 1)
-    return (tiers.chunk_k * weights).sum(3) / weights.sum(3).clamp(min=1)
 
 
 def _chunks_to_recall(tiers: Tiers, recent_on: torch.Tensor, config: GSAConfig, group: int) -> torch.Tensor:
