@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from gsa.config import GSAConfig
+from gsa.diagnostics import RouterProbe
 from gsa.errors import InvalidInputError
 from gsa.layout import GistBatch
 from gsa.masks import (
@@ -49,6 +50,7 @@ class LayerView:
     window: int | None = None  # sliding-window size of this layer, None for global attention
     flat_kind: torch.Tensor | None = None  # (B, S) token kinds of a sliding layer's stored keys
     on_counts: Callable[[int, KeyCounts], None] | None = None
+    probe: RouterProbe | None = None
 
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -105,7 +107,9 @@ def gsa_attention(
     elif view.prefill:
         out = _prefill_attention(query, key, value, view, scaling)
     else:
-        out, counts = selective_attention(query, view.tiers, view.query_slot, view.config, view.layer_idx, scaling)
+        out, counts = selective_attention(
+            query, view.tiers, view.query_slot, view.config, view.layer_idx, scaling, view.probe
+        )
         if view.on_counts is not None:
             view.on_counts(view.layer_idx, counts)
     return out.transpose(1, 2).contiguous(), None
@@ -139,7 +143,9 @@ def _prefill_attention(query, key, value, view: LayerView, scaling: float) -> to
     # Suffix queries recall chunks from this layer's tiers. (B, H, Tq, D)
     tiers = view.tiers if view.tiers is not None else split_tiers(key, value, batch)
     suffix_query = gather_columns(query, batch.suffix_index)
-    suffix_out, counts = selective_attention(suffix_query, tiers, batch.suffix_slot, config, view.layer_idx, scaling)
+    suffix_out, counts = selective_attention(
+        suffix_query, tiers, batch.suffix_slot, config, view.layer_idx, scaling, view.probe
+    )
     if view.on_counts is not None:  # the last suffix query produces the first generated token
         view.on_counts(view.layer_idx, KeyCounts(*(c[..., -1:] for c in (counts.attended, counts.raw, counts.full))))
     valid = batch.suffix_index >= 0

@@ -12,6 +12,7 @@ attention call that follows it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -84,7 +85,8 @@ class GistLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         owner.check_batch(key_states.shape[0])
         self.length += key_states.shape[2]
-        view = LayerView(self.layer_idx, owner.config, owner.batch, prefill=prefill, window=self.window)
+        view = LayerView(self.layer_idx, owner.config, owner.batch, prefill=prefill, window=self.window,
+                         probe=owner.probe)
         if self.window is not None:
             key_states, value_states = self._update_flat(key_states, value_states, view)
         elif prefill:
@@ -128,6 +130,14 @@ class GistLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("GistCache cannot be cropped (assisted decoding is not supported)")
 
+    def copy_for(self, owner: GistCache) -> GistLayer:
+        """Copy this layer for ``owner``; tensors are shared until one copy appends."""
+        twin = GistLayer(self.layer_idx, owner, self.window)
+        twin.__dict__.update({k: v for k, v in self.__dict__.items() if k != "owner"})
+        if self.tiers is not None:
+            twin.tiers = dataclasses.replace(self.tiers)
+        return twin
+
     def nbytes(self) -> int:
         if self.tiers is not None:
             return self.tiers.nbytes()
@@ -144,15 +154,17 @@ class GistCache(Cache):
         config: attention settings (method, top-k, merge, kernel).
         on_layer: optional callback ``(layer_idx, prefill)`` after each layer's update, for
             progress bars.
+        probe: optional ``RouterProbe`` that collects routing diagnostics.
     """
 
-    def __init__(self, model_config, batch: GistBatch, config: GSAConfig, on_layer=None):
+    def __init__(self, model_config, batch: GistBatch, config: GSAConfig, on_layer=None, probe=None):
         windows = layer_windows(model_config)
         super().__init__(layers=[GistLayer(i, self, w) for i, w in enumerate(windows)])
         self.batch = batch
         self.config = config
         self.stats = DecodeStats()
         self.on_layer = on_layer
+        self.probe = probe
 
     def check_batch(self, size: int) -> None:
         if size != self.batch.batch_size:
@@ -175,6 +187,14 @@ class GistCache(Cache):
             self.stats.steps += 1
         if self.on_layer is not None:
             self.on_layer(layer_idx, prefill)
+
+    def fork(self) -> GistCache:
+        """Return an independent copy, so a prefilled context can serve several suffixes."""
+        twin = GistCache.__new__(GistCache)
+        twin.__dict__.update(self.__dict__)
+        twin.stats, twin.probe = DecodeStats(), None
+        twin.layers = [layer.copy_for(twin) for layer in self.layers]
+        return twin
 
     def nbytes(self) -> int:
         """Bytes of KV held by every layer."""

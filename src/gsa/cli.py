@@ -11,7 +11,9 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from gsa.config import GSAConfig
 from gsa.errors import InvalidInputError
+from gsa.layout import GistSpec
 
 EXIT_USAGE = 2
 SAMPLE_DOCUMENT = "sample_document.md"
@@ -44,14 +46,51 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    gen.set_defaults(handler=run_generate)
+    _add_eval_parsers(commands)
     return parser
+
+
+def _add_eval_parsers(commands) -> None:
+    evaluate = commands.add_parser("eval", help="evaluate one method on one task and write predictions and a summary")
+    evaluate.add_argument("--task", required=True, help="longbench:<task>, leval:<task>, rag-nq, kv-retrieval, passkey, niah or perplexity")
+    evaluate.add_argument("--method", default="gsa", help="a registered method name (default gsa)")
+    evaluate.add_argument("--ratio", type=int, default=16, help="compression ratio, the chunk size in tokens (default 16)")
+    evaluate.add_argument("--limit", type=int, help="evaluate at most N samples")
+    evaluate.add_argument("--out", default="runs/eval", help="folder for run folders (default runs/eval)")
+    evaluate.add_argument("--model", help="local model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    evaluate.add_argument("--data-dir", help="folder with the data sets (default: $GSA_DATA_DIR, else ./data)")
+    evaluate.add_argument("--max-context-tokens", type=int, default=7500, help="truncate longer contexts in the middle (default 7500)")
+    evaluate.add_argument("--prefill", default="gist", help="gist or dense, for methods built on gists (default gist)")
+    evaluate.add_argument("--top-k", type=int, help="chunks recalled per query head (default: the budget rule)")
+    evaluate.add_argument("--lengths", help="comma-separated context lengths in tokens for passkey, niah and perplexity")
+    evaluate.add_argument("--depths", help="comma-separated needle depths in [0, 1] for passkey and niah")
+    evaluate.add_argument("--diagnostics", action="store_true", help="also measure router recall and agreement with full attention")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the tasks' random choices (default 0)")
+    evaluate.set_defaults(handler=run_eval_command)
+
+    report = commands.add_parser("report", help="turn a folder of eval runs into markdown tables and plots")
+    report.add_argument("results", help="folder given to gsa eval --out")
+    report.add_argument("--out", help="output folder (default RESULTS/report)")
+    report.set_defaults(handler=run_report_command)
+
+    explain = commands.add_parser("explain", help="draw which chunks were recalled while answering, as PNG and HTML")
+    explain.add_argument("--context", help="text file to read, or - for standard input (default: the bundled sample document)")
+    explain.add_argument("--question", help="question to answer (default with the sample document: its first sample question)")
+    explain.add_argument("--model", help="local model directory or .gguf file")
+    explain.add_argument("--method", default="gsa", help="a registered method name (default gsa)")
+    explain.add_argument("--ratio", type=int, default=16, help="compression ratio (default 16)")
+    explain.add_argument("--prefill", default="dense", help="gist or dense (default dense)")
+    explain.add_argument("--max-new-tokens", type=int, default=24, help="maximum tokens to generate (default 24)")
+    explain.add_argument("--out", default="explain", help="output path prefix: writes PREFIX.png and PREFIX.html (default explain)")
+    explain.set_defaults(handler=run_explain_command)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return run_generate(args)
+        return args.handler(args)
     except InvalidInputError as error:
         print(f"gsa: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -97,9 +136,6 @@ def _default_question(context_name: str) -> str:
 
 
 def _build_config(args):
-    from gsa.config import GSAConfig
-    from gsa.layout import GistSpec
-
     if args.max_new_tokens < 1:
         raise InvalidInputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.ratio < 1:
@@ -119,19 +155,11 @@ def run_generate(args) -> int:
     question = args.question if args.question else _default_question(name)
 
     import torch
-    import transformers
     from transformers import TextStreamer
 
-    from gsa.engine import GistGenerator
-    from gsa.model import load_model
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(args.seed)
-    # The GGUF loader draws its own progress bar on stderr; it is shown only with --verbose.
-    with contextlib.nullcontext() if args.verbose else contextlib.redirect_stderr(io.StringIO()):
-        model, tokenizer = load_model(args.model)
-    generator = GistGenerator(model, tokenizer)
+    generator = _load_generator(args)
+    tokenizer, model = generator.tokenizer, generator.model
     batch = generator.build_batch([context], [question], config, args.max_new_tokens)
 
     streamer = None if args.json else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -148,6 +176,80 @@ def run_generate(args) -> int:
             f"{result.decode_steps} decode steps, {result.mean_unfolded_tokens_per_step:.0f} raw tokens attended per "
             f"step and layer, {result.mean_attended_kv_fraction:.1%} of full attention's keys, {result.seconds:.1f} s"
         )
+    return 0
+
+
+def _load_generator(args):
+    """Load the model quietly and enable GSA on it."""
+    import transformers
+
+    from gsa.engine import GistGenerator
+    from gsa.model import load_model
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    # The GGUF loader draws its own progress bar on stderr; it is shown only with --verbose.
+    with contextlib.nullcontext() if args.verbose else contextlib.redirect_stderr(io.StringIO()):
+        model, tokenizer = load_model(args.model)
+    generator = GistGenerator(model, tokenizer)
+    generator.model_name = args.model or "smollm2-135m"
+    return generator
+
+
+def _int_list(text: str | None, option: str, cast=int) -> list | None:
+    if text is None:
+        return None
+    try:
+        return [cast(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise InvalidInputError(f"{option} must be a comma-separated list of numbers, got {text!r}") from error
+
+
+def run_eval_command(args) -> int:
+    from tqdm import tqdm
+
+    from gsa.eval.runner import EvalSettings, default_data_dir, run_eval
+
+    if args.limit is not None and args.limit < 1:
+        raise InvalidInputError(f"--limit must be at least 1, got {args.limit}")
+    task_options = {}
+    for name, cast in (("lengths", int), ("depths", float)):
+        values = _int_list(getattr(args, name), f"--{name}", cast)
+        if values:
+            task_options[name] = values
+    settings = EvalSettings(
+        task=args.task, method=args.method, ratio=args.ratio, out=Path(args.out),
+        data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(), limit=args.limit,
+        max_context_tokens=args.max_context_tokens, prefill=args.prefill, top_k=args.top_k,
+        diagnostics=args.diagnostics, seed=args.seed, task_options=task_options,
+    )
+    settings.gsa_config()  # validates method, ratio, prefill and top-k before the model loads
+    generator = _load_generator(args)
+    with tqdm(desc=f"{args.task} {args.method} {args.ratio}x", unit="sample", file=sys.stderr) as bar:
+        summary = run_eval(settings, generator, progress=lambda record: bar.update(1))
+    print(json.dumps(summary))
+    return 0
+
+
+def run_report_command(args) -> int:
+    from gsa.eval.report import build_report
+
+    path = build_report(Path(args.results), Path(args.out) if args.out else None)
+    print(path)
+    return 0
+
+
+def run_explain_command(args) -> int:
+    from gsa.eval.explain import explain
+
+    context, name = read_context(args.context)
+    question = args.question if args.question else _default_question(name)
+    spec = GistSpec(chunk_size=args.ratio)
+    config = GSAConfig(spec=spec, method=args.method, prefill=args.prefill)
+    generator = _load_generator(args)
+    png, html = explain(generator, context, question, config, args.max_new_tokens, Path(args.out))
+    print(png)
+    print(html)
     return 0
 
 

@@ -33,6 +33,7 @@ class GenerationResult:
     mean_unfolded_tokens_per_step: float
     mean_attended_kv_fraction: float
     seconds: float
+    token_ids: list[int]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,27 +53,39 @@ class GistGenerator:
         self.gist_ids = enable_gsa(model, tokenizer)
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
 
-    def build_batch(self, contexts: list[str], questions: list[str], config: GSAConfig, max_new_tokens: int = 0) -> GistBatch:
-        """Tokenise each context and question, insert gists and left-pad into one batch."""
+    def build_batch(
+        self, contexts: list[str], questions: list[str], config: GSAConfig, max_new_tokens: int = 0,
+        template: str | None = QUESTION_TEMPLATE,
+    ) -> GistBatch:
+        """Tokenise each context and question, insert gists and left-pad into one batch.
+
+        ``template`` formats each question into the suffix; ``None`` sends the question text as
+        the suffix unchanged.
+        """
         if len(contexts) != len(questions):
             raise InvalidInputError(f"got {len(contexts)} contexts but {len(questions)} questions; pass one question per context")
         sequences = []
         for context, question in zip(contexts, questions):
-            context_ids, suffix_ids = self._tokenize(context, question)
-            self._check_lengths(context_ids, suffix_ids, config, max_new_tokens)
-            gist_id = self.gist_ids[0] if config.inserts_gists else None
-            starts = self._word_starts(context_ids) if config.spec.word_boundary else None
-            sequences.append(insert_gists(context_ids, suffix_ids, gist_id, config.spec, starts))
-        pad_id = self.tokenizer.pad_token_id
-        pad_id = pad_id if pad_id is not None else self.tokenizer.eos_token_id
-        return collate(sequences, config.spec, pad_id)
+            context_ids, suffix_ids = self._tokenize(context, question, template)
+            sequences.append(self._gist_sequence(context_ids, suffix_ids, config, max_new_tokens))
+        return collate(sequences, config.spec, self._pad_id())
 
-    def _tokenize(self, context: str, question: str) -> tuple[list[int], list[int]]:
+    def _gist_sequence(self, context_ids: list[int], suffix_ids: list[int], config: GSAConfig, max_new_tokens: int):
+        self._check_lengths(context_ids, suffix_ids, config, max_new_tokens)
+        gist_id = self.gist_ids[0] if config.inserts_gists else None
+        starts = self._word_starts(context_ids) if config.spec.word_boundary else None
+        return insert_gists(context_ids, suffix_ids, gist_id, config.spec, starts)
+
+    def _pad_id(self) -> int:
+        pad_id = self.tokenizer.pad_token_id
+        return pad_id if pad_id is not None else self.tokenizer.eos_token_id
+
+    def _tokenize(self, context: str, question: str, template: str | None) -> tuple[list[int], list[int]]:
         if not context.strip():
             raise InvalidInputError("the context is empty; pass a file or text with content")
         context_ids = self.tokenizer(context, add_special_tokens=True)["input_ids"]
-        suffix = QUESTION_TEMPLATE.format(question=question.strip())
-        suffix_ids = self.tokenizer(suffix, add_special_tokens=False)["input_ids"]
+        suffix = template.format(question=question.strip()) if template is not None else question
+        suffix_ids = self.tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
         return context_ids, suffix_ids
 
     def _check_lengths(self, context_ids, suffix_ids, config: GSAConfig, max_new_tokens: int) -> None:
@@ -104,11 +117,22 @@ class GistGenerator:
         streamer=None,
         on_layer=None,
         stop_at_newline: bool = True,
+        template: str | None = QUESTION_TEMPLATE,
+        probe=None,
+        prefilled: GistCache | None = None,
     ) -> list[GenerationResult]:
-        """Answer each question over its context with stock ``model.generate()`` and a ``GistCache``."""
+        """Answer each question over its context with stock ``model.generate()`` and a ``GistCache``.
+
+        ``prefilled`` is a cache from ``prefill`` for the same single context: it is forked, so the
+        context is encoded once for several questions. ``probe`` collects routing diagnostics.
+        """
         start = time.perf_counter()
-        batch = self.build_batch(contexts, questions, config, max_new_tokens).to(self.model.device)
-        cache = GistCache(self.model.config, batch, config, on_layer=on_layer)
+        batch = self.build_batch(contexts, questions, config, max_new_tokens, template).to(self.model.device)
+        if prefilled is not None:
+            cache = prefilled.fork()
+            cache.probe, cache.on_layer = probe, on_layer
+        else:
+            cache = GistCache(self.model.config, batch, config, on_layer=on_layer, probe=probe)
         options = {"do_sample": do_sample}
         if do_sample:
             options["temperature"] = temperature
@@ -129,6 +153,34 @@ class GistGenerator:
         new_tokens = output[:, batch.input_ids.shape[1]:]
         return [self._result(batch, b, new_tokens[b], cache, config, seconds) for b in range(batch.batch_size)]
 
+    @torch.no_grad()
+    def prefill(self, context: str, config: GSAConfig) -> GistCache:
+        """Encode one context without a suffix; pass the cache to ``generate(prefilled=...)``."""
+        batch = self.build_batch([context], [""], config, template=None).to(self.model.device)
+        cache = GistCache(self.model.config, batch, config)
+        self.model(input_ids=batch.input_ids, position_ids=batch.position_ids, cache=cache)
+        return cache
+
+    @torch.no_grad()
+    def continuation_logprobs(self, context: str, suffix: str, continuation: str, config: GSAConfig) -> tuple:
+        """Score ``continuation`` after ``context`` and ``suffix`` by teacher forcing.
+
+        The continuation tokens are suffix queries, so they read the context through the method's
+        selection. Returns ``(log_probs, targets)``: (Tc, V) log-probabilities of the token at each
+        continuation position and the (Tc,) continuation token ids.
+        """
+        targets = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        if not targets:
+            raise InvalidInputError("the continuation to score is empty; pass a non-empty gold answer or text")
+        context_ids, suffix_ids = self._tokenize(context, suffix, None)
+        sequence = self._gist_sequence(context_ids, suffix_ids + targets, config, 0)
+        batch = collate([sequence], config.spec, self._pad_id()).to(self.model.device)
+        cache = GistCache(self.model.config, batch, config)
+        logits = self.model(input_ids=batch.input_ids, position_ids=batch.position_ids, cache=cache).logits
+        predicting = logits[0, -len(targets) - 1 : -1].float()  # (Tc, V): position t predicts token t + 1
+        predicting[:, self.gist_ids] = float("-inf")
+        return torch.log_softmax(predicting, dim=-1), torch.tensor(targets, device=predicting.device)
+
     def _result(self, batch: GistBatch, row: int, tokens, cache: GistCache, config: GSAConfig, seconds: float):
         kind = batch.kind[row]
         stats = cache.stats
@@ -142,4 +194,5 @@ class GistGenerator:
             mean_unfolded_tokens_per_step=stats.mean_raw_per_step,
             mean_attended_kv_fraction=stats.mean_attended_fraction,
             seconds=seconds,
+            token_ids=[int(t) for t in tokens if int(t) != self._pad_id()],
         )

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from gsa.config import GSAConfig
+from gsa.diagnostics import RouterProbe
 from gsa.ops.attend import Visibility, attend_gathered, attend_masked, attended_counts, recent_visibility
 from gsa.ops.naive import naive_select, naive_tier_attention
 from gsa.methods import SelectionInputs, get_method
@@ -38,7 +39,7 @@ def selects_in_layer(config: GSAConfig, layer_idx: int) -> bool:
 
 def visibility(
     query: torch.Tensor, tiers: Tiers, query_slot: torch.Tensor, config: GSAConfig, layer_idx: int,
-    scaling: float,
+    scaling: float, probe: RouterProbe | None = None,
 ) -> Visibility:
     """Decide which chunks and gists each query attends, per KV head.
 
@@ -72,6 +73,8 @@ def visibility(
         chosen = naive_select(scores, candidate.cpu(), k.cpu(), config.merge, config.top_p).to(query.device)
     else:
         chosen = select_chunks(method.scores(inputs), candidate, k, config.merge, config.top_p)
+    if probe is not None:
+        probe.observe(layer_idx, inputs, chosen, candidate, k, config.merge)
 
     chunk_on = chosen | window
     if not config.attends_gists:
@@ -90,13 +93,16 @@ def _chunks_to_recall(tiers: Tiers, recent_on: torch.Tensor, config: GSAConfig, 
 
 def selective_attention(
     query: torch.Tensor, tiers: Tiers, query_slot: torch.Tensor, config: GSAConfig, layer_idx: int,
-    scaling: float,
+    scaling: float, probe: RouterProbe | None = None,
 ) -> tuple[torch.Tensor, KeyCounts]:
     """Attend (B, H, T, D) queries at recent slots ``query_slot`` (B, T) to the tiers.
 
-    Returns the (B, H, T, D) output and the key counts of this layer.
+    Returns the (B, H, T, D) output and the key counts of this layer. A ``probe`` receives the
+    routing choice for diagnostics.
     """
-    vis = visibility(query, tiers, query_slot, config, layer_idx, scaling)
+    vis = visibility(query, tiers, query_slot, config, layer_idx, scaling, probe)
+    if probe is not None:
+        probe.record_unfolded(layer_idx, vis.chunk_on)
     if config.impl == "naive":
         out = naive_tier_attention(query, tiers, vis, scaling)
     elif query.shape[2] == 1:

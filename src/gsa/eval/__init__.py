@@ -1,0 +1,1 @@
+"""Evaluation harness: long-context tasks, metrics, methods at one budget, and diagnostics."""
