@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -84,3 +88,17 @@ def tiny_model_dir(tmp_path_factory):
     LlamaForCausalLM(tiny_llama_config(len(tokenizer))).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def fixture_dir(tmp_path_factory) -> Path:
+    """A data directory made from the fixtures, with the files that loaders read as gzip compressed."""
+    folder = tmp_path_factory.mktemp("task-data") / "data"
+    shutil.copytree(FIXTURES, folder)
+    for plain in [*folder.glob("lost-in-the-middle/*.jsonl"), *folder.glob("corpus/*.jsonl")]:
+        with gzip.open(plain.with_name(plain.name + ".gz"), "wb") as handle:
+            handle.write(plain.read_bytes())
+        plain.unlink()
+    return folder
+
+FIXTURES = Path(__file__).parent / "fixtures" / "tasks"

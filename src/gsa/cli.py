@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import contextlib
 import io
 import json
@@ -11,9 +12,10 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from gsa.config import GSAConfig
+from gsa.config import IMPLS, MERGES, PREFILLS, GSAConfig
 from gsa.errors import InvalidInputError
 from gsa.layout import GistSpec
+from gsa.methods import METHODS
 
 EXIT_USAGE = 2
 SAMPLE_DOCUMENT = "sample_document.md"
@@ -21,23 +23,31 @@ SAMPLE_QUESTIONS = "sample_questions.json"
 PROGRESS_MIN_TOKENS = 1024  # prompts at least this long show a prefill progress bar
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors become one-line ``InvalidInputError`` messages."""
+
+    def error(self, message: str):
+        raise InvalidInputError(f"{message}; see {self.prog} --help")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gsa", description="Gist Sparse Attention for Hugging Face causal LMs.")
+    parser = _Parser(prog="gsa", description="Gist Sparse Attention for Hugging Face causal LMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = commands.add_parser("generate", help="answer a question over a long context")
     gen.add_argument("--context", help="text file to read, or - for standard input (default: the bundled sample document)")
     gen.add_argument("--question", help="question to answer (default with the sample document: its first sample question)")
     gen.add_argument("--model", help="local model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     gen.add_argument("--ratio", type=int, default=16, help="compression ratio, the chunk size C in tokens (default 16)")
-    gen.add_argument("--method", default="gsa", help="gsa, gist-only, full, or a training-free baseline: "
-                     "streaming, quest, mean-key, random, recent, oracle (default gsa)")
+    gen.add_argument("--method", default="gsa", choices=list(METHODS), help="gsa, gist-only, full, or a training-free "
+                     "baseline: streaming, quest, mean-key, random, recent, oracle (default gsa)")
     gen.add_argument("--top-k", type=int, help="chunks recalled per query head (default: the budget rule)")
     gen.add_argument("--top-p", type=float, help="recall chunks until their gist-score mass reaches this share")
-    gen.add_argument("--merge", default="union", help="GQA merge of head choices: union or group-sum (default union)")
-    gen.add_argument("--prefill", default="gist", help="gist (gist mask) or dense (full causal context, gists only route)")
-    gen.add_argument("--impl", default="fast", help="fast or naive (loop reference, for small inputs)")
+    gen.add_argument("--merge", default="union", choices=MERGES, help="GQA merge of head choices (default union)")
+    gen.add_argument("--prefill", default="dense", choices=PREFILLS, help="dense: full causal context, gists only route, "
+                     "which needs no training (default); gist: the gist mask, for checkpoints trained with gists")
+    gen.add_argument("--impl", default="fast", choices=IMPLS, help="fast, or naive: the loop reference, for small inputs (default fast)")
     gen.add_argument("--sinks", type=int, default=3, help="leading tokens never chunked (default 3)")
     gen.add_argument("--window", type=int, default=1, help="previous chunks kept raw-visible (default 1)")
     gen.add_argument("--word-boundary", action="store_true", help="move chunk ends up to C/2 tokens to avoid splitting words")
@@ -53,15 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_eval_parsers(commands) -> None:
     evaluate = commands.add_parser("eval", help="evaluate one method on one task and write predictions and a summary")
-    evaluate.add_argument("--task", required=True, help="longbench:<task>, leval:<task>, rag-nq, kv-retrieval, passkey, niah or perplexity")
-    evaluate.add_argument("--method", default="gsa", help="a registered method name (default gsa)")
-    evaluate.add_argument("--ratio", type=int, default=16, help="compression ratio, the chunk size in tokens (default 16)")
+    evaluate.add_argument("--task", required=True, help="longbench:<task>, leval:<task>, rag-nq, kv-retrieval, passkey, "
+                          "niah or perplexity; a comma-separated list runs each")
+    evaluate.add_argument("--method", default="gsa", help="registered method names, comma-separated (default gsa)")
+    evaluate.add_argument("--ratio", default="16", help="compression ratios (chunk sizes in tokens), comma-separated (default 16)")
     evaluate.add_argument("--limit", type=int, help="evaluate at most N samples")
     evaluate.add_argument("--out", default="runs/eval", help="folder for run folders (default runs/eval)")
     evaluate.add_argument("--model", help="local model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     evaluate.add_argument("--data-dir", help="folder with the data sets (default: $GSA_DATA_DIR, else ./data)")
     evaluate.add_argument("--max-context-tokens", type=int, default=7500, help="truncate longer contexts in the middle (default 7500)")
-    evaluate.add_argument("--prefill", default="gist", help="gist or dense, for methods built on gists (default gist)")
+    evaluate.add_argument("--prefill", default="dense", choices=PREFILLS,
+                          help="for methods built on gists: dense (gists only route, default) or gist (trained gists)")
     evaluate.add_argument("--top-k", type=int, help="chunks recalled per query head (default: the budget rule)")
     evaluate.add_argument("--lengths", help="comma-separated context lengths in tokens for passkey, niah and perplexity")
     evaluate.add_argument("--depths", help="comma-separated needle depths in [0, 1] for passkey and niah")
@@ -80,16 +92,17 @@ def _add_eval_parsers(commands) -> None:
     explain.add_argument("--model", help="local model directory or .gguf file")
     explain.add_argument("--method", default="gsa", help="a registered method name (default gsa)")
     explain.add_argument("--ratio", type=int, default=16, help="compression ratio (default 16)")
-    explain.add_argument("--prefill", default="dense", help="gist or dense (default dense)")
+    explain.add_argument("--prefill", default="dense", choices=PREFILLS, help="dense or gist (default dense)")
     explain.add_argument("--max-new-tokens", type=int, default=24, help="maximum tokens to generate (default 24)")
     explain.add_argument("--out", default="explain", help="output path prefix: writes PREFIX.png and PREFIX.html (default explain)")
     explain.set_defaults(handler=run_explain_command)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
         return args.handler(args)
     except InvalidInputError as error:
         print(f"gsa: error: {error}", file=sys.stderr)
@@ -97,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gsa: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (for example `| head`): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def read_context(source: str | None) -> tuple[str, str]:
@@ -109,6 +126,8 @@ def read_context(source: str | None) -> tuple[str, str]:
         path = Path(source)
         if path.is_dir():
             raise InvalidInputError(f"context {source} is a directory; pass a text file or - for standard input")
+        if path.exists() and not path.is_file():
+            raise InvalidInputError(f"context {source} is not a regular file; save it to a file or pipe it with --context -")
         if not path.is_file():
             raise InvalidInputError(f"context file {source} not found; pass an existing text file or - for standard input")
         try:
@@ -128,6 +147,12 @@ def read_context(source: str | None) -> tuple[str, str]:
     return text, name
 
 
+def _question(text: str | None, context_name: str) -> str:
+    if text is not None and not text.strip():
+        raise InvalidInputError("--question is empty; pass the question to answer over the context")
+    return text if text is not None else _default_question(context_name)
+
+
 def _default_question(context_name: str) -> str:
     if context_name != "sample":
         raise InvalidInputError("--question is missing; pass the question to answer over the context")
@@ -140,6 +165,14 @@ def _build_config(args):
         raise InvalidInputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.ratio < 1:
         raise InvalidInputError(f"--ratio must be at least 1, got {args.ratio}; it is the chunk size in tokens")
+    if args.sinks < 0 or args.window < 0:
+        raise InvalidInputError(f"--sinks and --window must be 0 or more, got {args.sinks} and {args.window}")
+    if args.top_k is not None and args.top_k < 1:
+        raise InvalidInputError(f"--top-k must be at least 1, got {args.top_k}; omit it to use the budget rule")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise InvalidInputError(f"--top-p must be in (0, 1], got {args.top_p}; it is a share of the gist-score mass")
+    if args.top_k is not None and args.top_p is not None:
+        raise InvalidInputError("--top-k and --top-p both set; pass one of them")
     if args.sample and not args.temperature > 0:
         raise InvalidInputError(
             f"--temperature must be above 0 with --sample, got {args.temperature}; omit --sample for greedy decoding"
@@ -152,7 +185,7 @@ def _build_config(args):
 def run_generate(args) -> int:
     config = _build_config(args)
     context, name = read_context(args.context)
-    question = args.question if args.question else _default_question(name)
+    question = _question(args.question, name)
 
     import torch
     from transformers import TextStreamer
@@ -171,9 +204,13 @@ def run_generate(args) -> int:
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
+        if not result.answer:
+            print("(empty answer)")
+        steps = f"{result.decode_steps} decode step{'s' if result.decode_steps != 1 else ''}"
+        ratio = "" if result.method == "full" else f" {result.ratio}x"
         print(
-            f"\n[{result.method} {result.ratio}x] context {result.context_tokens} tokens, {result.gist_tokens} gists, "
-            f"{result.decode_steps} decode steps, {result.mean_unfolded_tokens_per_step:.0f} raw tokens attended per "
+            f"[{result.method}{ratio}] context {result.context_tokens} tokens, {result.gist_tokens} gists, {steps}, "
+            f"{result.mean_unfolded_tokens_per_step:.0f} raw tokens attended per "
             f"step and layer, {result.mean_attended_kv_fraction:.1%} of full attention's keys, {result.seconds:.1f} s"
         )
     return 0
@@ -196,7 +233,7 @@ def _load_generator(args):
     return generator
 
 
-def _int_list(text: str | None, option: str, cast=int) -> list | None:
+def _number_list(text: str | None, option: str, cast=int) -> list | None:
     if text is None:
         return None
     try:
@@ -206,6 +243,7 @@ def _int_list(text: str | None, option: str, cast=int) -> list | None:
 
 
 def run_eval_command(args) -> int:
+    """Run every (task, method, ratio) combination of the comma-separated lists in one process."""
     from tqdm import tqdm
 
     from gsa.eval.runner import EvalSettings, default_data_dir, run_eval
@@ -214,21 +252,34 @@ def run_eval_command(args) -> int:
         raise InvalidInputError(f"--limit must be at least 1, got {args.limit}")
     task_options = {}
     for name, cast in (("lengths", int), ("depths", float)):
-        values = _int_list(getattr(args, name), f"--{name}", cast)
+        values = _number_list(getattr(args, name), f"--{name}", cast)
         if values:
             task_options[name] = values
-    settings = EvalSettings(
-        task=args.task, method=args.method, ratio=args.ratio, out=Path(args.out),
-        data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(), limit=args.limit,
-        max_context_tokens=args.max_context_tokens, prefill=args.prefill, top_k=args.top_k,
-        diagnostics=args.diagnostics, seed=args.seed, task_options=task_options,
-    )
-    settings.gsa_config()  # validates method, ratio, prefill and top-k before the model loads
+    grid = [
+        EvalSettings(
+            task=task, method=method, ratio=ratio, out=Path(args.out),
+            data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(), limit=args.limit,
+            max_context_tokens=args.max_context_tokens, prefill=args.prefill, top_k=args.top_k,
+            diagnostics=args.diagnostics, seed=args.seed, task_options=task_options,
+        )
+        for task in _names(args.task) for method in _names(args.method) for ratio in _number_list(args.ratio, "--ratio")
+    ]
+    from gsa.eval.tasks import TASKS
+
+    for settings in grid:
+        settings.gsa_config()  # validates method, ratio, prefill and top-k before the model loads
+        if settings.task not in TASKS:
+            raise InvalidInputError(f"unknown task {settings.task!r}; choose one of: {', '.join(TASKS)}")
     generator = _load_generator(args)
-    with tqdm(desc=f"{args.task} {args.method} {args.ratio}x", unit="sample", file=sys.stderr) as bar:
-        summary = run_eval(settings, generator, progress=lambda record: bar.update(1))
-    print(json.dumps(summary))
+    for settings in grid:
+        with tqdm(desc=f"{settings.task} {settings.method} {settings.ratio}x", unit="sample", file=sys.stderr) as bar:
+            summary = run_eval(settings, generator, progress=lambda record: bar.update(1))
+        print(json.dumps(summary), flush=True)
     return 0
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def run_report_command(args) -> int:
@@ -243,7 +294,7 @@ def run_explain_command(args) -> int:
     from gsa.eval.explain import explain
 
     context, name = read_context(args.context)
-    question = args.question if args.question else _default_question(name)
+    question = _question(args.question, name)
     spec = GistSpec(chunk_size=args.ratio)
     config = GSAConfig(spec=spec, method=args.method, prefill=args.prefill)
     generator = _load_generator(args)
@@ -261,7 +312,7 @@ class _PrefillProgress:
         if prompt_tokens >= PROGRESS_MIN_TOKENS:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=num_layers, desc=f"prefill {prompt_tokens} tokens", unit="layer", file=sys.stderr, leave=False)
+            self.bar = tqdm(total=num_layers, desc=f"prefill {prompt_tokens} tokens with gists", unit="layer", file=sys.stderr, leave=False)
 
     def on_layer(self, layer_idx: int, prefill: bool) -> None:
         if prefill and self.bar is not None:

@@ -59,7 +59,7 @@ class EvalSettings:
     data_dir: Path = Path("data")
     limit: int | None = None
     max_context_tokens: int = 7500
-    prefill: str = "gist"
+    prefill: str = "dense"
     top_k: int | None = None
     diagnostics: bool = False
     seed: int = 0
