@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from gsa.errors import InvalidInputError
+from gsa.eval.task_io import read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -169,21 +170,9 @@ def read_summary(path: Path) -> Run:
 def read_predictions(path: Path) -> list[dict]:
     """Parse ``predictions.jsonl``: one JSON object per non-blank line."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        return read_jsonl(path)
     except (OSError, UnicodeDecodeError) as error:
         raise InvalidInputError(f"{path}: unreadable ({error})") from error
-    predictions = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise InvalidInputError(f"{path}: line {number} is invalid JSON ({error.msg})") from error
-        if not isinstance(record, dict):
-            raise InvalidInputError(f"{path}: line {number} is not a JSON object")
-        predictions.append(record)
-    return predictions
 
 
 def load_run(run_dir: Path) -> Run:

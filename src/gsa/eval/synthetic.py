@@ -151,12 +151,17 @@ def _build_context(
     return best
 
 
-def load_passkey(options: TaskOptions) -> list[Sample]:
-    """Build pass key retrieval samples: a 5-digit key hidden in essays, one per length and depth."""
+def _grid_and_filler(options: TaskOptions) -> tuple[list[tuple[int, float]], list[int]]:
+    """Return the (length, depth) grid and enough essay token ids for its longest context."""
     haystack = _read_haystack(options)
     grid = limit_items(_grid(options), options)
     longest = max((length for length, _ in grid), default=0)
-    filler_ids = _haystack_ids(options.tokenizer, haystack, longest + FILLER_MARGIN)
+    return grid, _haystack_ids(options.tokenizer, haystack, longest + FILLER_MARGIN)
+
+
+def load_passkey(options: TaskOptions) -> list[Sample]:
+    """Build pass key retrieval samples: a 5-digit key hidden in essays, one per length and depth."""
+    grid, filler_ids = _grid_and_filler(options)
 
     samples = []
     for length, depth in grid:
@@ -185,10 +190,7 @@ def load_niah(options: TaskOptions) -> list[Sample]:
     The needles are numbered in a seeded random order, so a needle's number does not give away
     its position.
     """
-    haystack = _read_haystack(options)
-    grid = limit_items(_grid(options), options)
-    longest = max((length for length, _ in grid), default=0)
-    filler_ids = _haystack_ids(options.tokenizer, haystack, longest + FILLER_MARGIN)
+    grid, filler_ids = _grid_and_filler(options)
 
     samples = []
     for length, depth in grid:

@@ -27,20 +27,11 @@ from gsa.eval.task_io import (
     check_limit, check_token_budget, data_file, limit_items, read_json, read_jsonl, require_field, seeded_rng,
     task_option, truncate_middle,
 )
+from gsa.eval.metrics import LONGBENCH_METRICS
 from gsa.eval.types import Sample, TaskOptions
 
 logger = logging.getLogger(__name__)
 
-LONGBENCH_METRICS = {
-    "qasper": "qa_f1",
-    "multifieldqa_en": "qa_f1",
-    "hotpotqa": "qa_f1",
-    "2wikimqa": "qa_f1",
-    "triviaqa": "qa_f1",
-    "passage_retrieval_en": "retrieval",
-    "gov_report": "rouge_l",
-    "lcc": "code_sim",
-}
 LONGBENCH_PROMPTS = "longbench/config/dataset2prompt.json"
 LONGBENCH_MAX_NEW_TOKENS = "longbench/config/dataset2maxlen.json"
 
