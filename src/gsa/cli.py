@@ -77,6 +77,7 @@ def _add_eval_parsers(commands) -> None:
     evaluate.add_argument("--top-k", type=int, help="chunks recalled per query head (default: the budget rule)")
     evaluate.add_argument("--lengths", help="comma-separated context lengths in tokens for passkey, niah and perplexity")
     evaluate.add_argument("--depths", help="comma-separated needle depths in [0, 1] for passkey and niah")
+    evaluate.add_argument("--max-new-tokens", type=int, help="cap every sample's generation budget (default: each task's own)")
     evaluate.add_argument("--diagnostics", action="store_true", help="also measure router recall and agreement with full attention")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the tasks' random choices (default 0)")
     evaluate.set_defaults(handler=run_eval_command)
@@ -250,6 +251,8 @@ def run_eval_command(args) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise InvalidInputError(f"--limit must be at least 1, got {args.limit}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise InvalidInputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     task_options = {}
     for name, cast in (("lengths", int), ("depths", float)):
         values = _number_list(getattr(args, name), f"--{name}", cast)
@@ -261,6 +264,7 @@ def run_eval_command(args) -> int:
             data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(), limit=args.limit,
             max_context_tokens=args.max_context_tokens, prefill=args.prefill, top_k=args.top_k,
             diagnostics=args.diagnostics, seed=args.seed, task_options=task_options,
+            max_new_tokens=args.max_new_tokens,
         )
         for task in _names(args.task) for method in _names(args.method) for ratio in _number_list(args.ratio, "--ratio")
     ]

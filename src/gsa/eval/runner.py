@@ -49,6 +49,7 @@ class EvalSettings:
         diagnostics: also measure router recall and agreement with full attention (three
             extra forward passes per sample).
         seed: seed of the tasks' random choices and of the ``random`` method.
+        max_new_tokens: cap on every sample's generation budget, or None for each task's own.
         task_options: extra task settings (``lengths``, ``depths``, ``num_distractors``, ...).
     """
 
@@ -63,6 +64,7 @@ class EvalSettings:
     top_k: int | None = None
     diagnostics: bool = False
     seed: int = 0
+    max_new_tokens: int | None = None
     task_options: dict = field(default_factory=dict)
 
     def gsa_config(self, method: str | None = None) -> GSAConfig:
@@ -120,8 +122,9 @@ def _evaluate_sample(sample: Sample, settings: EvalSettings, config: GSAConfig, 
     else:
         probe = RouterProbe() if settings.diagnostics else None
         cache = _group_cache(sample, config, generator, prefilled)
+        budget = sample.max_new_tokens if settings.max_new_tokens is None else min(sample.max_new_tokens, settings.max_new_tokens)
         (result,) = generator.generate(
-            [sample.context], [sample.suffix], config, max_new_tokens=sample.max_new_tokens, template=None,
+            [sample.context], [sample.suffix], config, max_new_tokens=budget, template=None,
             stop_at_newline=sample.metric not in NEWLINE_FREE_METRICS, probe=probe, prefilled=cache,
         )
         record.update(prediction=result.answer, attended_kv_fraction=result.mean_attended_kv_fraction,
