@@ -50,3 +50,25 @@ def test_full_and_gsa_on_sample(generator, sample):
     assert sparse.gist_tokens == (full.context_tokens - spec.sinks) // spec.chunk_size
     assert sparse.mean_attended_kv_fraction < 0.25
     assert sparse.decode_steps >= 1
+
+
+def test_essay_fractions_at_ratio_16(generator):
+    """On a real essay, gsa at 16x reads under a quarter of the keys full attention reads."""
+    import os
+    from pathlib import Path
+
+    from gsa.config import GSAConfig
+    from gsa.layout import GistSpec
+
+    data = Path(os.environ.get("GSA_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    essay_path = data / "haystack" / "paul_graham_essays" / "apple.txt"
+    if not essay_path.is_file():
+        pytest.skip(f"essay {essay_path} not found; set GSA_DATA_DIR to the data folder")
+    essay = essay_path.read_text(encoding="utf-8")
+    question = "Which company is this essay about?"
+    spec = GistSpec(chunk_size=16)
+    (sparse,) = generator.generate([essay], [question], GSAConfig(spec=spec, prefill="dense"), max_new_tokens=8)
+    (full,) = generator.generate([essay], [question], GSAConfig(spec=spec, method="full"), max_new_tokens=8)
+    assert sparse.mean_attended_kv_fraction < 0.25
+    assert full.mean_attended_kv_fraction == 1.0
+    assert "apple" in full.answer.lower()

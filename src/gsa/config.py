@@ -32,7 +32,8 @@ class GSAConfig:
         merge: how query heads sharing a KV head combine their choices: ``union`` of the
             per-head top-k, or ``group-sum``, one top-k over scores summed across the group.
         prefill: ``gist`` runs the context under the gist mask; ``dense`` runs it with full causal
-            attention, so untrained gists only route (a training-free mode).
+            attention, so untrained gists only route (a training-free mode). ``gist-only`` always
+            uses the gist mask, and the training-free baselines always use the dense one.
         impl: ``fast`` (vectorised) or ``naive`` (loop-by-loop reference twin).
         seed: seed of the ``random`` method's draws.
         select_first_layer: also select in layer 0, whose gists carry little information; off by
@@ -66,7 +67,8 @@ class GSAConfig:
     @property
     def attends_gists(self) -> bool:
         """Whether queries attend gist keys: only methods built on trained gists, under the gist mask."""
-        return get_method(self.method).reads_gist_content and self.prefill == "gist"
+        method = get_method(self.method)
+        return method.reads_gist_content and (self.prefill == "gist" or method.needs_gist_prefill)
 
     @property
     def prefill_mask(self) -> str:

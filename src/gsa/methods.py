@@ -52,6 +52,8 @@ class Method:
         gist_router: whether scores come from gist keys; such methods skip layer 0 by default.
         per_group: one choice per KV head (k * G chunks) instead of per query head.
         selects: whether the method recalls chunks at all.
+        needs_gist_prefill: run under the gist mask even when ``prefill="dense"`` is set, because
+            attending the gists is the whole method (``gist-only``).
     """
 
     name: ClassVar[str] = ""
@@ -60,6 +62,7 @@ class Method:
     gist_router: ClassVar[bool] = False
     per_group: ClassVar[bool] = False
     selects: ClassVar[bool] = True
+    needs_gist_prefill: ClassVar[bool] = False
 
     def scores(self, inputs: SelectionInputs) -> torch.Tensor:
         raise NotImplementedError
@@ -102,6 +105,7 @@ class GistOnly(Method):
     name = "gist-only"
     reads_gist_content = True
     selects = False
+    needs_gist_prefill = True
 
 
 @register
