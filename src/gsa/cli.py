@@ -12,6 +12,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from gsa.bench import DTYPES
 from gsa.config import IMPLS, MERGES, PREFILLS, GSAConfig
 from gsa.errors import InvalidInputError
 from gsa.layout import GistSpec
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.set_defaults(handler=run_generate)
     _add_eval_parsers(commands)
+    _add_bench_parsers(commands)
     return parser
 
 
@@ -97,6 +99,58 @@ def _add_eval_parsers(commands) -> None:
     explain.add_argument("--max-new-tokens", type=int, default=24, help="maximum tokens to generate (default 24)")
     explain.add_argument("--out", default="explain", help="output path prefix: writes PREFIX.png and PREFIX.html (default explain)")
     explain.set_defaults(handler=run_explain_command)
+
+
+def _add_bench_parsers(commands) -> None:
+    bench = commands.add_parser("bench", help="speed benchmarks: a decode step or a prefill against context length")
+    kinds = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
+
+    decode = kinds.add_parser("decode", help="time one decode step of full attention and sparse methods")
+    decode.add_argument("--contexts", default="1024,4096,16384,65536,131072",
+                        help="layer-scope context lengths in keys, comma-separated; K and M multiply by 1024 and 1024^2 "
+                        "(default 1024,4096,16384,65536,131072)")
+    decode.add_argument("--methods", default="full,gsa,quest", help="registered method names, comma-separated; full is "
+                        "PyTorch SDPA over the whole cache (default full,gsa,quest)")
+    decode.add_argument("--ratios", default="8,16,32", help="compression ratios (chunk sizes in tokens), comma-separated "
+                        "(default 8,16,32)")
+    decode.add_argument("--scope", default="layer,model", help="layer: one attention layer on synthetic KV; model: a "
+                        "whole decode step of the model after a prefill; comma-separated (default layer,model)")
+    decode.add_argument("--model-contexts", default="2048,4096,8000", help="model-scope context lengths in tokens, "
+                        "comma-separated; at most the model's positions minus one (default 2048,4096,8000)")
+    decode.add_argument("--model", help="model for the model scope: local directory or .gguf file "
+                        "(default: embedded SmolLM2-135M-Instruct)")
+    decode.add_argument("--prefill", default="gist", choices=PREFILLS, help="gist: gsa also attends the gists of recalled "
+                        "chunks, as with trained gists (default); dense: gists only route")
+    decode.add_argument("--copy-mb", type=int, default=256, help="size of the bandwidth copy benchmark in MiB (default 256)")
+    _add_bench_options(decode, repeats=20, warmup=3, plot="bench_decode.png")
+    decode.set_defaults(handler=run_bench_decode)
+
+    prefill = kinds.add_parser("prefill", help="time and measure the peak memory of a one-layer prefill, causal SDPA "
+                               "against the gist mask")
+    prefill.add_argument("--contexts", default="2048,4096,8192", help="context lengths in tokens, comma-separated; K and "
+                         "M multiply by 1024 and 1024^2 (default 2048,4096,8192)")
+    prefill.add_argument("--ratios", default="16", help="compression ratios of the gist layout, comma-separated (default 16)")
+    prefill.add_argument("--masks", default="causal,gist", help="causal (SDPA with is_causal) and/or gist (the gist mask "
+                         "in query blocks), comma-separated (default causal,gist)")
+    _add_bench_options(prefill, repeats=5, warmup=1, plot="bench_prefill.png")
+    prefill.set_defaults(handler=run_bench_prefill)
+
+
+def _add_bench_options(parser, repeats: int, warmup: int, plot: str) -> None:
+    parser.add_argument("--kv-heads", type=int, default=8, help="KV heads Hk of the synthetic layer (default 8)")
+    parser.add_argument("--head-dim", type=int, default=128, help="head dimension D of the synthetic layer (default 128)")
+    parser.add_argument("--group", type=int, default=4, help="query heads per KV head, G (default 4, so 32 query heads)")
+    parser.add_argument("--batch", type=int, default=1, help="rows per step (default 1)")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the KV, queries and, in the "
+                        "model scope, weights (default float32)")
+    parser.add_argument("--sinks", type=int, default=3, help="leading tokens never chunked (default 3)")
+    parser.add_argument("--window", type=int, default=1, help="previous chunks kept raw-visible (default 1)")
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"timed runs per point; the median is reported (default {repeats})")
+    parser.add_argument("--warmup", type=int, default=warmup, help=f"untimed runs before them (default {warmup})")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic tensors (default 0)")
+    parser.add_argument("--plot", default=plot, help=f"PNG file for the log-log plot (default {plot})")
+    parser.add_argument("--no-plot", action="store_true", help="do not write the plot")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,6 +360,62 @@ def run_explain_command(args) -> int:
     print(png)
     print(html)
     return 0
+
+
+def run_bench_decode(args) -> int:
+    """Run the decode benchmark; print the table, then the plot path, then one JSON line."""
+    from gsa.bench import parse_names, parse_sizes
+    from gsa.bench_decode import DecodeSettings, format_decode_table, plot_decode, run_decode_bench
+
+    settings = DecodeSettings(
+        contexts=parse_sizes(args.contexts, "--contexts"), methods=parse_names(args.methods, "--methods"),
+        ratios=parse_sizes(args.ratios, "--ratios"), scopes=parse_names(args.scope, "--scope"),
+        model_contexts=parse_sizes(args.model_contexts, "--model-contexts"), kv_heads=args.kv_heads,
+        head_dim=args.head_dim, group=args.group, batch=args.batch, dtype=DTYPES[args.dtype], prefill=args.prefill,
+        sinks=args.sinks, window=args.window, repeats=args.repeats, warmup=args.warmup, copy_mb=args.copy_mb,
+        seed=args.seed,
+    )
+    settings.validate()
+    _set_threads(args.threads)
+    generator = _load_generator(args) if "model" in settings.scopes else None
+    result = run_decode_bench(settings, generator)
+    print(format_decode_table(result))
+    if not args.no_plot:
+        result["plot"] = str(plot_decode(result, Path(args.plot)))
+        print(f"plot: {result['plot']}")
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def run_bench_prefill(args) -> int:
+    """Run the prefill benchmark; print the table, then the plot path, then one JSON line."""
+    from gsa.bench import parse_names, parse_sizes
+    from gsa.bench_prefill import PrefillSettings, format_prefill_table, plot_prefill, run_prefill_bench
+
+    _set_threads(args.threads)
+    settings = PrefillSettings(
+        contexts=parse_sizes(args.contexts, "--contexts"), ratios=parse_sizes(args.ratios, "--ratios"),
+        masks=parse_names(args.masks, "--masks"), kv_heads=args.kv_heads, head_dim=args.head_dim, group=args.group,
+        batch=args.batch, dtype=args.dtype, sinks=args.sinks, window=args.window, repeats=args.repeats,
+        warmup=args.warmup, seed=args.seed, threads=args.threads,
+    )
+    result = run_prefill_bench(settings)
+    print(format_prefill_table(result))
+    if not args.no_plot:
+        result["plot"] = str(plot_prefill(result, Path(args.plot)))
+        print(f"plot: {result['plot']}")
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise InvalidInputError(f"--threads must be at least 1, got {threads}; omit it to use torch's default")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 class _PrefillProgress:

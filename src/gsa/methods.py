@@ -125,9 +125,10 @@ class MeanKey(Method):
 
     def scores(self, inputs):
         tiers = inputs.tiers
-        weights = tiers.chunk_valid[:, None, :, :, None].to(tiers.chunk_k.dtype)  # (B, 1, N, Cm, 1)
-        mean = (tiers.chunk_k * weights).sum(3) / weights.sum(3).clamp(min=1)  # (B, Hk, N, D)
-        return score_gists(inputs.query, mean, inputs.scaling)
+        if "mean-key" not in tiers.summaries:
+            weights = tiers.chunk_valid[:, None, :, :, None].to(tiers.chunk_k.dtype)  # (B, 1, N, Cm, 1)
+            tiers.summaries["mean-key"] = (tiers.chunk_k * weights).sum(3) / weights.sum(3).clamp(min=1)
+        return score_gists(inputs.query, tiers.summaries["mean-key"], inputs.scaling)  # keys (B, Hk, N, D)
 
     def scores_naive(self, inputs):
         tiers = inputs.tiers
@@ -150,10 +151,12 @@ class Quest(Method):
 
     def scores(self, inputs):
         tiers = inputs.tiers
-        valid = tiers.chunk_valid[:, None, :, :, None]  # (B, 1, N, Cm, 1)
-        key_max = tiers.chunk_k.float().masked_fill(~valid, float("-inf")).amax(3)  # (B, Hk, N, D)
-        key_min = tiers.chunk_k.float().masked_fill(~valid, float("inf")).amin(3)
-        key_max, key_min = key_max.nan_to_num(0.0, 0.0, 0.0), key_min.nan_to_num(0.0, 0.0, 0.0)
+        if "quest" not in tiers.summaries:
+            valid = tiers.chunk_valid[:, None, :, :, None]  # (B, 1, N, Cm, 1)
+            key_max = tiers.chunk_k.float().masked_fill(~valid, float("-inf")).amax(3)  # (B, Hk, N, D)
+            key_min = tiers.chunk_k.float().masked_fill(~valid, float("inf")).amin(3)
+            tiers.summaries["quest"] = (key_max.nan_to_num(0.0, 0.0, 0.0), key_min.nan_to_num(0.0, 0.0, 0.0))
+        key_max, key_min = tiers.summaries["quest"]
         batch, heads, length, dim = inputs.query.shape
         kv_heads = tiers.num_kv_heads
         query = inputs.query.float().view(batch, kv_heads, heads // kv_heads, length, 1, dim)

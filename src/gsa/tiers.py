@@ -8,7 +8,7 @@ and every generated token) are always attended.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,8 @@ class Tiers:
     recent_v: torch.Tensor
     recent_valid: torch.Tensor  # (B, R)
     num_chunks: torch.Tensor  # (B,)
+    # Per-chunk key summaries (Quest bounds, mean keys), computed once: the chunk tier never changes.
+    summaries: dict = field(default_factory=dict)
 
     @property
     def num_kv_heads(self) -> int:

@@ -1,0 +1,401 @@
+"""Decode-step benchmark (``gsa bench decode``): time one step of attention against context length.
+
+Two scopes:
+
+- ``layer``: one attention layer over synthetic KV. ``full`` is PyTorch SDPA over the whole cache
+  as one (B, Hk, S, D) tensor. Every other method runs ``gsa.sparse.selective_attention`` for one
+  query (T = 1, the gathered path) on a ``Tiers`` object cut from the same keys at chunk size
+  C = ratio, as layer 1 with the default budget rule.
+- ``model``: a whole decode step of a real model (default: the embedded SmolLM2-135M) after a
+  prefill of the bundled sample document, repeated or cut to the context length.
+
+Each point records the median step time, the keys attended (mean over KV heads, rows and, in the
+model scope, global layers) and the bytes of KV those keys hold. A copy benchmark run in the same
+process gives the memory bandwidth that bounds a step from below.
+
+Shape legend: B batch, T queries, S keys, H query heads, Hk KV heads, G = H / Hk, D head dim,
+C chunk size, N chunks, R recent tokens, S0 sinks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gsa.bench import (
+    bound_ms, copy_bandwidth_gbps, dtype_name, format_table, median_seconds, new_figure, plot_lines, save_figure,
+)
+from gsa.cache import GistCache
+from gsa.config import PREFILLS, GSAConfig
+from gsa.errors import InvalidInputError
+from gsa.layout import GistSpec, collate, insert_gists
+from gsa.methods import get_method
+from gsa.sparse import selective_attention
+from gsa.tiers import Tiers
+
+logger = logging.getLogger(__name__)
+
+SCOPES = ("layer", "model")
+FULL = "full"
+LAYER_IDX = 1  # layer 0 of a gist router attends every gist instead of selecting
+SAMPLE_DOCUMENT = "sample_document.md"
+
+
+@dataclass
+class DecodeSettings:
+    """Settings of ``gsa bench decode``. Sizes are in keys (tokens), times in ms."""
+
+    contexts: list[int] = field(default_factory=lambda: [1024, 4096, 16384, 65536, 131072])
+    methods: list[str] = field(default_factory=lambda: [FULL, "gsa", "quest"])
+    ratios: list[int] = field(default_factory=lambda: [8, 16, 32])
+    scopes: list[str] = field(default_factory=lambda: list(SCOPES))
+    model_contexts: list[int] = field(default_factory=lambda: [2048, 4096, 8000])
+    kv_heads: int = 8
+    head_dim: int = 128
+    group: int = 4
+    batch: int = 1
+    dtype: torch.dtype = torch.float32
+    prefill: str = "gist"
+    sinks: int = 3
+    window: int = 1
+    repeats: int = 20
+    warmup: int = 3
+    copy_mb: int = 256
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ``InvalidInputError`` for a value the benchmark cannot run with."""
+        for name in ("kv_heads", "head_dim", "group", "batch", "repeats", "copy_mb"):
+            if getattr(self, name) < 1:
+                raise InvalidInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup", "sinks", "window"):
+            if getattr(self, name) < 0:
+                raise InvalidInputError(f"--{name} must be 0 or more, got {getattr(self, name)}")
+        unknown = [scope for scope in self.scopes if scope not in SCOPES]
+        if unknown or not self.scopes:
+            raise InvalidInputError(f"unknown scope {','.join(unknown)!r}; choose layer, model or layer,model")
+        if self.prefill not in PREFILLS:
+            raise InvalidInputError(f"unknown prefill {self.prefill!r}; choose one of: {', '.join(PREFILLS)}")
+        if any(ratio < 1 for ratio in self.ratios):
+            raise InvalidInputError(f"--ratios must be at least 1, got {self.ratios}; a ratio is the chunk size in tokens")
+        for method in self.methods:
+            get_method(method)  # raises for an unknown name
+        if "layer" in self.scopes:
+            self._check_contexts(self.contexts, "--contexts")
+        if "model" in self.scopes:
+            self._check_contexts(self.model_contexts, "--model-contexts")
+
+    def _check_contexts(self, contexts: list[int], option: str) -> None:
+        if not self.sparse_methods:
+            return
+        shortest, longest = min(contexts), max(self.ratios)
+        needed = self.sinks + longest + 1
+        if shortest < needed:
+            raise InvalidInputError(
+                f"{option} {shortest} is too short for ratio {longest}: it needs at least {needed} keys "
+                f"({self.sinks} sinks, one chunk and the query); pass longer contexts or smaller --ratios"
+            )
+
+    @property
+    def sparse_methods(self) -> list[str]:
+        return [method for method in self.methods if method != FULL]
+
+    def config(self, method: str, ratio: int | None) -> GSAConfig:
+        spec = GistSpec(chunk_size=ratio or 16, sinks=self.sinks, window_chunks=self.window)
+        return GSAConfig(spec=spec, method=method, prefill=self.prefill)
+
+    def runs(self) -> list[tuple[str, int | None]]:
+        """(method, ratio) pairs to time at each context; ``full`` has no ratio and runs once."""
+        pairs: list[tuple[str, int | None]] = [(FULL, None)] if FULL in self.methods else []
+        return pairs + [(method, ratio) for method in self.sparse_methods for ratio in self.ratios]
+
+
+def run_decode_bench(settings: DecodeSettings, generator=None) -> dict:
+    """Measure every (scope, context, method, ratio) point and the copy bandwidth.
+
+    ``generator`` is a ``gsa.engine.GistGenerator`` for the model scope; it is loaded with the
+    default model when omitted. Returns ``{"bandwidth_gbps", "points", ...}``, ready for JSON.
+    """
+    settings.validate()
+    if "model" in settings.scopes:
+        if generator is None:
+            from gsa.engine import GistGenerator
+            from gsa.model import load_model
+
+            generator = GistGenerator(*load_model(dtype=settings.dtype))
+        check_model_contexts(settings, generator)  # before the layer scope, which may take long
+    bandwidth = copy_bandwidth_gbps(settings.copy_mb)
+    logger.info("copy bandwidth %.1f GB/s", bandwidth)
+    result = {
+        "bandwidth_gbps": bandwidth, "points": [], "dtype": dtype_name(settings.dtype),
+        "threads": torch.get_num_threads(), "batch": settings.batch, "repeats": settings.repeats,
+        "warmup": settings.warmup, "prefill": settings.prefill, "torch": torch.__version__,
+    }
+    if "layer" in settings.scopes:
+        result["layer"] = {"kv_heads": settings.kv_heads, "query_heads": settings.kv_heads * settings.group,
+                           "head_dim": settings.head_dim}
+        result["points"] += layer_points(settings)
+    if "model" in settings.scopes:
+        result["points"] += model_points(settings, generator)
+        result["model"] = model_geometry(generator)  # after model_points, which casts the weights to the dtype
+    _add_derived_fields(result["points"], bandwidth)
+    return result
+
+
+def _add_derived_fields(points: list[dict], bandwidth: float) -> None:
+    """Add achieved bandwidth, the bandwidth bound and the speed-up over ``full`` at the same context."""
+    full_ms = {(p["scope"], p["context"]): p["step_ms"] for p in points if p["method"] == FULL}
+    for point in points:
+        point["achieved_gbps"] = point["kv_bytes_read"] / (point["step_ms"] / 1e3) / 1e9
+        point["bound_ms"] = bound_ms(point["kv_bytes_read"], bandwidth)
+        full = full_ms.get((point["scope"], point["context"]))
+        point["speedup_vs_full"] = full / point["step_ms"] if full is not None else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer scope
+
+
+def synthetic_kv(context: int, settings: DecodeSettings, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random keys and values of one layer, (B, Hk, S, D) each, with S = ``context``."""
+    shape = (settings.batch, settings.kv_heads, context, settings.head_dim)
+    keys = torch.randn(shape, generator=generator, dtype=settings.dtype)
+    values = torch.randn(shape, generator=generator, dtype=settings.dtype)
+    return keys, values
+
+
+def synthetic_tiers(keys: torch.Tensor, values: torch.Tensor, spec: GistSpec,
+                    generator: torch.Generator) -> tuple[Tiers, torch.Tensor]:
+    """Cut flat (B, Hk, S, D) keys and values into tiers that share their storage.
+
+    The last key is the query's own token, so the recent tier (the tail after the last full chunk)
+    contains at least one key. Gist keys and values are drawn at random, one per chunk. Returns the
+    tiers and the query's (B, 1) slot in the recent tier.
+    """
+    batch, kv_heads, length, dim = keys.shape
+    chunk = spec.chunk_size
+    sinks = min(spec.sinks, length - 1)
+    num_chunks = (length - 1 - sinks) // chunk
+    raw_end = sinks + num_chunks * chunk
+
+    def cut(states):
+        chunks = states[:, :, sinks:raw_end].view(batch, kv_heads, num_chunks, chunk, dim)  # (B, Hk, N, C, D)
+        return states[:, :, :sinks], chunks, states[:, :, raw_end:]
+
+    sink_k, chunk_k, recent_k = cut(keys)
+    sink_v, chunk_v, recent_v = cut(values)
+    gist_shape = (batch, kv_heads, num_chunks, dim)  # (B, Hk, N, D)
+    gist_k = torch.randn(gist_shape, generator=generator, dtype=keys.dtype)
+    gist_v = torch.randn(gist_shape, generator=generator, dtype=keys.dtype)
+    recent = length - raw_end
+
+    def ones(*shape):
+        return torch.ones(batch, *shape, dtype=torch.bool)
+
+    tiers = Tiers(
+        sink_k, sink_v, ones(sinks), chunk_k, chunk_v, ones(num_chunks, chunk), gist_k, gist_v, ones(num_chunks),
+        recent_k, recent_v, ones(recent), torch.full((batch,), num_chunks, dtype=torch.long),
+    )
+    return tiers, torch.full((batch, 1), recent - 1, dtype=torch.long)
+
+
+def layer_points(settings: DecodeSettings) -> list[dict]:
+    """Time one decode step of one layer for every context, method and ratio."""
+    _check_memory(settings)
+    generator = torch.Generator().manual_seed(settings.seed)
+    heads = settings.kv_heads * settings.group
+    points = []
+    for context in settings.contexts:
+        keys, values = synthetic_kv(context, settings, generator)
+        query = torch.randn(settings.batch, heads, 1, settings.head_dim, generator=generator, dtype=settings.dtype)
+        for method, ratio in settings.runs():
+            if method == FULL:
+                point = _time_full_layer(query, keys, values, settings)
+            else:
+                point = _time_sparse_layer(query, keys, values, method, ratio, settings, generator)
+            point.update(method=method, ratio=ratio, context=context, scope="layer")
+            logger.info("layer %s@%s context %d: %.3f ms", method, ratio, context, point["step_ms"])
+            points.append(point)
+        del keys, values
+    return points
+
+
+@torch.inference_mode()
+def _time_full_layer(query, keys, values, settings: DecodeSettings) -> dict:
+    def step():
+        return F.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
+
+    seconds = median_seconds(step, settings.repeats, settings.warmup)
+    batch, kv_heads, length, dim = keys.shape
+    return {"step_ms": seconds * 1e3, "keys_attended": float(length),
+            "kv_bytes_read": length * 2 * batch * kv_heads * dim * keys.element_size()}
+
+
+@torch.inference_mode()
+def _time_sparse_layer(query, keys, values, method: str, ratio: int, settings: DecodeSettings,
+                       generator: torch.Generator) -> dict:
+    config = settings.config(method, ratio)
+    tiers, query_slot = synthetic_tiers(keys, values, config.spec, generator)
+    scaling = settings.head_dim ** -0.5
+
+    def step():
+        return selective_attention(query, tiers, query_slot, config, LAYER_IDX, scaling)
+
+    seconds = median_seconds(step, settings.repeats, settings.warmup)
+    _, counts = step()
+    attended = counts.attended.double()  # (B, Hk, 1)
+    dim = keys.shape[-1]
+    return {"step_ms": seconds * 1e3, "keys_attended": float(attended.mean()),
+            "kv_bytes_read": float(attended.sum()) * 2 * dim * keys.element_size()}
+
+
+def _check_memory(settings: DecodeSettings) -> None:
+    """Reject contexts whose synthetic KV would not fit in the available memory (Linux only).
+
+    The need is an estimate: gathered chunks and scores add a little more.
+    """
+    available = _available_memory()
+    element = torch.empty(0, dtype=settings.dtype).element_size()
+    longest = max(settings.contexts)
+    numel = settings.batch * settings.kv_heads * longest * settings.head_dim
+    # Keys and values, plus the two float32 copies of every key that quest's min and max take per step.
+    needed = 2 * numel * element + 2 * numel * 4
+    if available is not None and needed > available:
+        raise InvalidInputError(
+            f"context {longest} needs about {needed / 2**30:.1f} GiB for its synthetic KV and per-step copies, but only "
+            f"{available / 2**30:.1f} GiB is available; pass shorter --contexts or fewer --kv-heads"
+        )
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Model scope
+
+
+def model_points(settings: DecodeSettings, generator) -> list[dict]:
+    """Time one whole-model decode step after a prefill, for every model context, method and ratio."""
+    check_model_contexts(settings, generator)
+    model, tokenizer = generator.model, generator.tokenizer
+    model.to(settings.dtype)
+    document = resources.files("gsa.data").joinpath(SAMPLE_DOCUMENT).read_text(encoding="utf-8")
+    document_ids = tokenizer(document, add_special_tokens=True)["input_ids"]
+    points = []
+    for context in settings.model_contexts:
+        context_ids = (document_ids * math.ceil(context / len(document_ids)))[:context]
+        for method, ratio in settings.runs():
+            point = _time_model_step(generator, context_ids, settings.config(method, ratio), settings)
+            point.update(method=method, ratio=ratio, context=context, scope="model")
+            logger.info("model %s@%s context %d: %.3f ms", method, ratio, context, point["step_ms"])
+            points.append(point)
+    return points
+
+
+def check_model_contexts(settings: DecodeSettings, generator) -> None:
+    """Reject model contexts that leave the decode token no position in the model."""
+    max_positions = generator.max_positions
+    longest = max(settings.model_contexts)
+    if max_positions and longest + 1 > max_positions:
+        raise InvalidInputError(
+            f"--model-contexts {longest} leaves no position for the decode token: the model has "
+            f"{max_positions} positions; pass contexts up to {max_positions - 1}"
+        )
+
+
+def model_geometry(generator) -> dict:
+    """Name, attention geometry and weight bytes of the model timed in the model scope."""
+    config = generator.model.config
+    return {
+        "name": getattr(generator, "model_name", None) or getattr(config, "_name_or_path", ""),
+        "layers": config.num_hidden_layers, "kv_heads": config.num_key_value_heads,
+        "query_heads": config.num_attention_heads, "head_dim": _head_dim(config),
+        "weight_bytes": sum(p.numel() * p.element_size() for p in generator.model.parameters()),
+    }
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+@torch.inference_mode()
+def _time_model_step(generator, context_ids: list[int], config: GSAConfig, settings: DecodeSettings) -> dict:
+    """Prefill ``context_ids`` into a ``GistCache``, then time decode steps on forks of it."""
+    model = generator.model
+    gist_id = generator.gist_ids[0] if config.inserts_gists else None
+    sequence = insert_gists(context_ids, [], gist_id, config.spec)
+    tokenizer = generator.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = collate([sequence] * settings.batch, config.spec, pad_id).to(model.device)
+    cache = GistCache(model.config, batch, config)
+    model(input_ids=batch.input_ids, position_ids=batch.position_ids, cache=cache)
+
+    # Each step reads a fork, so the prefilled cache never grows. (B, 1)
+    next_token = batch.input_ids[:, -1:]
+    position = torch.full_like(next_token, len(context_ids))
+    state = {}
+
+    def fork():
+        state["cache"] = cache.fork()
+
+    def step():
+        return model(input_ids=next_token, position_ids=position, cache=state["cache"])
+
+    seconds = median_seconds(step, settings.repeats, settings.warmup, before=fork)
+    stats = state["cache"].stats
+    element = next(model.parameters()).element_size()
+    return {"step_ms": seconds * 1e3, "keys_attended": stats.attended / stats.events,
+            "kv_bytes_read": stats.attended * 2 * _head_dim(model.config) * element,
+            "global_layers": len(stats.per_layer_attended)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+
+
+TABLE_COLUMNS = [
+    ("scope", "scope", ""), ("context", "context", "d"), ("method", "method", ""), ("ratio", "ratio", ""),
+    ("step_ms", "step ms", ".3f"), ("speedup_vs_full", "full/step", ".2f"), ("keys_attended", "keys", ".0f"),
+    ("kv_mb", "KV MB", ".2f"), ("achieved_gbps", "GB/s", ".1f"), ("bound_ms", "bound ms", ".3f"),
+]
+
+
+def format_decode_table(result: dict) -> str:
+    """Format the points of ``run_decode_bench`` as a table, with the copy bandwidth as its title."""
+    rows = [dict(point, kv_mb=point["kv_bytes_read"] / 1e6, ratio=point["ratio"] or "-") for point in result["points"]]
+    title = (f"decode step, {result['dtype']}, batch {result['batch']}, {result['threads']} threads, "
+             f"copy bandwidth {result['bandwidth_gbps']:.1f} GB/s")
+    return title + "\n" + format_table(rows, TABLE_COLUMNS)
+
+
+def plot_decode(result: dict, path: Path) -> Path:
+    """Draw step time against context length on log-log axes, one panel per scope and one line per
+    method@ratio. A dotted line marks the time to stream the full KV at the copy bandwidth."""
+    scopes = [scope for scope in SCOPES if any(p["scope"] == scope for p in result["points"])]
+    figure = new_figure(6.4 * max(len(scopes), 1), 4.6)
+    for index, scope in enumerate(scopes):
+        series: dict[str, list[tuple[float, float]]] = {}
+        for point in result["points"]:
+            if point["scope"] != scope:
+                continue
+            label = FULL if point["ratio"] is None else f"{point['method']}@{point['ratio']}"
+            series.setdefault(label, []).append((point["context"], point["step_ms"]))
+            if point["method"] == FULL:
+                series.setdefault("bound: full KV at copy bandwidth", []).append((point["context"], point["bound_ms"]))
+        axes = figure.add_subplot(1, len(scopes), index + 1)
+        plot_lines(axes, series, f"decode step, {scope} scope ({result['dtype']})", "step time (ms)")
+    return save_figure(figure, path)
