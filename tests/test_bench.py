@@ -205,6 +205,16 @@ def test_decode_model_scope(capsys, tiny_model_dir):
         assert point["kv_bytes_read"] == pytest.approx(per_layer * 2, rel=1e-12)
 
 
+def test_decode_model_scope_disk_tier_bytes(capsys, tiny_model_dir):
+    code, out, err = run_cli(capsys, "decode", "--scope", "model", "--model", str(tiny_model_dir), "--model-contexts",
+                             "128", "--methods", "gsa", "--ratios", "16", "--repeats", "1", "--warmup", "0",
+                             "--copy-mb", "1", "--no-plot", "--raw-tier", "disk")
+    assert code == 0, err
+    (point,) = last_json(out)["points"]
+    assert point["raw_tier"] == "disk"
+    assert 0 < point["resident_kv_bytes"] < point["stored_kv_bytes"]
+
+
 def test_decode_model_context_over_positions(capsys, tiny_model_dir):
     code, _, err = run_cli(capsys, "decode", "--scope", "model", "--model", str(tiny_model_dir), "--model-contexts",
                            "256", "--copy-mb", "1", "--no-plot")

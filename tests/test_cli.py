@@ -133,6 +133,8 @@ BAD_OPTIONS = {
     "sinks": (["--sinks", "-1"], ["--sinks", "got -1", "0 or more"]),
     "window": (["--window", "-1"], ["--window", "got 3 and -1", "0 or more"]),
     "temperature": (["--sample", "--temperature", "0"], ["--temperature", "got 0.0", "omit --sample"]),
+    "raw-tier": (["--raw-tier", "gpu"], ["--raw-tier", "'gpu'", "'device', 'host', 'disk'"]),
+    "lru-chunks": (["--lru-chunks", "-2"], ["--lru-chunks", "got -2", "0 or more"]),
 }
 
 
@@ -141,6 +143,13 @@ def test_option_invalid(capsys, text_file, case):
     options, fragments = BAD_OPTIONS[case]
     code, _, err = run(capsys, "--context", str(text_file), "--question", QUESTION, *options)
     assert_usage_error(code, err, *fragments)
+
+
+def test_raw_tier_options_reach_config():
+    args = cli.build_parser().parse_args(["generate", "--raw-tier", "disk", "--lru-chunks", "3"])
+    config = cli._build_config(args)
+    assert config.raw_tier == "disk"
+    assert config.lru_chunks == 3
 
 
 # Model paths.

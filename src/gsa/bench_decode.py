@@ -32,6 +32,7 @@ from gsa.bench import (
     bound_ms, copy_bandwidth_gbps, dtype_name, format_table, median_seconds, new_figure, plot_lines, save_figure,
 )
 from gsa.cache import GistCache
+from gsa.chunk_store import RAW_TIERS
 from gsa.config import PREFILLS, GSAConfig
 from gsa.errors import InvalidInputError
 from gsa.layout import GistSpec, collate, insert_gists
@@ -62,6 +63,7 @@ class DecodeSettings:
     batch: int = 1
     dtype: torch.dtype = torch.float32
     prefill: str = "gist"
+    raw_tier: str = "device"  # where the model scope's cache keeps raw chunk KV: device, host or disk
     sinks: int = 3
     window: int = 1
     repeats: int = 20
@@ -80,6 +82,8 @@ class DecodeSettings:
         unknown = [scope for scope in self.scopes if scope not in SCOPES]
         if unknown or not self.scopes:
             raise InvalidInputError(f"unknown scope {','.join(unknown)!r}; choose layer, model or layer,model")
+        if self.raw_tier not in RAW_TIERS:
+            raise InvalidInputError(f"unknown raw tier {self.raw_tier!r}; choose one of: {', '.join(RAW_TIERS)}")
         if self.prefill not in PREFILLS:
             raise InvalidInputError(f"unknown prefill {self.prefill!r}; choose one of: {', '.join(PREFILLS)}")
         if any(ratio < 1 for ratio in self.ratios):
@@ -108,7 +112,7 @@ class DecodeSettings:
 
     def config(self, method: str, ratio: int | None) -> GSAConfig:
         spec = GistSpec(chunk_size=ratio or 16, sinks=self.sinks, window_chunks=self.window)
-        return GSAConfig(spec=spec, method=method, prefill=self.prefill)
+        return GSAConfig(spec=spec, method=method, prefill=self.prefill, raw_tier=self.raw_tier)
 
     def runs(self) -> list[tuple[str, int | None]]:
         """(method, ratio) pairs to time at each context; ``full`` has no ratio and runs once."""
@@ -358,9 +362,12 @@ def _time_model_step(generator, context_ids: list[int], config: GSAConfig, setti
     seconds = median_seconds(step, settings.repeats, settings.warmup, before=fork)
     stats = state["cache"].stats
     element = next(model.parameters()).element_size()
-    return {"step_ms": seconds * 1e3, "keys_attended": stats.attended / stats.events,
-            "kv_bytes_read": stats.attended * 2 * _head_dim(model.config) * element,
-            "global_layers": len(stats.per_layer_attended)}
+    point = {"step_ms": seconds * 1e3, "keys_attended": stats.attended / stats.events,
+             "kv_bytes_read": stats.attended * 2 * _head_dim(model.config) * element,
+             "global_layers": len(stats.per_layer_attended), "raw_tier": config.raw_tier,
+             "resident_kv_bytes": cache.resident_bytes(), "stored_kv_bytes": cache.stored_bytes()}
+    cache.close()
+    return point
 
 
 # --------------------------------------------------------------------------------------------------

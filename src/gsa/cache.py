@@ -2,8 +2,9 @@
 
 Per global-attention layer, ``GistLayer`` keeps the sinks, the raw chunks (B, Hk, N, Cm, D), the
 gists (B, Hk, N, D) and the recent tokens (context tail, suffix and everything generated). The raw
-KV of every chunk is kept so that any chunk can be recalled later. Sliding-window layers keep a
-flat KV and their own window rule.
+KV of every chunk is kept so that any chunk can be recalled later, on the device or, with
+``GSAConfig.raw_tier``, in host memory or a memory-mapped file. Sliding-window layers keep a flat KV
+and their own window rule.
 
 The first ``update()`` of a layer receives the whole gisted prompt and splits it into tiers; later
 updates append decode tokens to the recent tier. Each update publishes the layer's view for the
@@ -19,6 +20,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from gsa.attention import LayerView, layer_windows, publish_view
+from gsa.chunk_store import ChunkStore
 from gsa.config import GSAConfig
 from gsa.layout import GistBatch, TokenKind
 from gsa.sparse import KeyCounts
@@ -91,6 +93,7 @@ class GistLayer(CacheLayerMixin):
             key_states, value_states = self._update_flat(key_states, value_states, view)
         elif prefill:
             self.tiers = split_tiers(key_states, value_states, owner.batch)
+            owner.offload_chunks(self.tiers)
             view.tiers, view.on_counts = self.tiers, owner.stats.add
         else:
             start = self.tiers.recent_valid.shape[1]
@@ -139,8 +142,18 @@ class GistLayer(CacheLayerMixin):
         return twin
 
     def nbytes(self) -> int:
+        """Bytes of KV stored by this layer, wherever its raw chunks live."""
         if self.tiers is not None:
             return self.tiers.nbytes()
+        return self._flat_nbytes()
+
+    def resident_bytes(self) -> int:
+        """Bytes of KV held in process memory (device and host), without a disk tier's file."""
+        if self.tiers is not None:
+            return self.tiers.resident_nbytes()
+        return self._flat_nbytes()
+
+    def _flat_nbytes(self) -> int:
         flat = (self.keys, self.values)
         return sum(t.numel() * t.element_size() for t in flat if t is not None)
 
@@ -165,6 +178,7 @@ class GistCache(Cache):
         self.stats = DecodeStats()
         self.on_layer = on_layer
         self.probe = probe
+        self.owns_stores = True  # False in a fork, which shares its source's raw-chunk stores
 
     def check_batch(self, size: int) -> None:
         if size != self.batch.batch_size:
@@ -192,10 +206,42 @@ class GistCache(Cache):
         """Return an independent copy, so a prefilled context can serve several suffixes."""
         twin = GistCache.__new__(GistCache)
         twin.__dict__.update(self.__dict__)
-        twin.stats, twin.probe = DecodeStats(), None
+        twin.stats, twin.probe, twin.owns_stores = DecodeStats(), None, False
         twin.layers = [layer.copy_for(twin) for layer in self.layers]
         return twin
 
+    def offload_chunks(self, tiers: Tiers) -> None:
+        """Move the raw chunks of freshly split ``tiers`` to the configured host or disk tier."""
+        config = self.config
+        if config.raw_tier == "device":
+            return
+        store = ChunkStore(tiers.chunk_k, tiers.chunk_v, config.raw_tier, config.lru_chunks, config.offload_dir)
+        tiers.offload(store)
+
     def nbytes(self) -> int:
-        """Bytes of KV held by every layer."""
+        """Bytes of KV stored by every layer, the same as ``stored_bytes``."""
+        return self.stored_bytes()
+
+    def stored_bytes(self) -> int:
+        """Bytes of KV stored by every layer, wherever it lives (device, host or disk)."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def resident_bytes(self) -> int:
+        """Bytes of KV held in device and host memory, without the disk tier's files."""
+        return sum(layer.resident_bytes() for layer in self.layers)
+
+    def chunk_stores(self) -> list[ChunkStore]:
+        """Return the host or disk stores of the raw chunks, one per prefilled global-attention layer."""
+        return [layer.tiers.store for layer in self.layers if layer.tiers is not None and layer.tiers.store is not None]
+
+    def close(self) -> None:
+        """Release the raw-chunk stores and remove their disk files; the cache is empty afterwards.
+
+        A cache made by ``fork`` shares the stores of its source, so closing a fork only drops its
+        own layers, and closing the source also ends every fork's access to the raw chunks.
+        """
+        if self.owns_stores:
+            for store in self.chunk_stores():
+                store.close()
+        for layer in self.layers:
+            layer.reset()

@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from gsa.bench import DTYPES
+from gsa.chunk_store import RAW_TIERS
 from gsa.config import IMPLS, MERGES, PREFILLS, GSAConfig
 from gsa.errors import InvalidInputError
 from gsa.layout import GistSpec
@@ -51,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--impl", default="fast", choices=IMPLS, help="fast, or naive: the loop reference, for small inputs (default fast)")
     gen.add_argument("--sinks", type=int, default=3, help="leading tokens never chunked (default 3)")
     gen.add_argument("--window", type=int, default=1, help="previous chunks kept raw-visible (default 1)")
+    gen.add_argument("--raw-tier", default="device", choices=RAW_TIERS, help="where the raw chunk KV lives: device "
+                     "(the model's device), host (host memory, pinned with CUDA) or disk (a temporary memory-mapped "
+                     "file); gists, sinks and recent tokens stay on the device (default device)")
+    gen.add_argument("--lru-chunks", type=int, default=0, help="with --raw-tier host or disk: LRU entries per layer "
+                     "kept on the device, each the raw KV of one chunk of one batch row for all KV heads; 0 disables "
+                     "the LRU (default 0)")
     gen.add_argument("--word-boundary", action="store_true", help="move chunk ends up to C/2 tokens to avoid splitting words")
     gen.add_argument("--max-new-tokens", type=int, default=32, help="maximum tokens to generate (default 32)")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -121,6 +128,9 @@ def _add_bench_parsers(commands) -> None:
                         "(default: embedded SmolLM2-135M-Instruct)")
     decode.add_argument("--prefill", default="gist", choices=PREFILLS, help="gist: gsa also attends the gists of recalled "
                         "chunks, as with trained gists (default); dense: gists only route")
+    decode.add_argument("--raw-tier", default="device", choices=RAW_TIERS, help="model scope: where the cache keeps "
+                        "raw chunk KV (device, host or disk); each model point reports resident_kv_bytes and "
+                        "stored_kv_bytes in bytes (default device)")
     decode.add_argument("--copy-mb", type=int, default=256, help="size of the bandwidth copy benchmark in MiB (default 256)")
     _add_bench_options(decode, repeats=20, warmup=3, plot="bench_decode.png")
     decode.set_defaults(handler=run_bench_decode)
@@ -232,9 +242,11 @@ def _build_config(args):
         raise InvalidInputError(
             f"--temperature must be above 0 with --sample, got {args.temperature}; omit --sample for greedy decoding"
         )
+    if args.lru_chunks < 0:
+        raise InvalidInputError(f"--lru-chunks must be 0 or more, got {args.lru_chunks}; use 0 to disable the LRU")
     spec = GistSpec(chunk_size=args.ratio, sinks=args.sinks, window_chunks=args.window, word_boundary=args.word_boundary)
     return GSAConfig(spec=spec, method=args.method, top_k=args.top_k, top_p=args.top_p, merge=args.merge,
-                     prefill=args.prefill, impl=args.impl)
+                     prefill=args.prefill, impl=args.impl, raw_tier=args.raw_tier, lru_chunks=args.lru_chunks)
 
 
 def run_generate(args) -> int:
@@ -372,7 +384,7 @@ def run_bench_decode(args) -> int:
         ratios=parse_sizes(args.ratios, "--ratios"), scopes=parse_names(args.scope, "--scope"),
         model_contexts=parse_sizes(args.model_contexts, "--model-contexts"), kv_heads=args.kv_heads,
         head_dim=args.head_dim, group=args.group, batch=args.batch, dtype=DTYPES[args.dtype], prefill=args.prefill,
-        sinks=args.sinks, window=args.window, repeats=args.repeats, warmup=args.warmup, copy_mb=args.copy_mb,
+        raw_tier=args.raw_tier, sinks=args.sinks, window=args.window, repeats=args.repeats, warmup=args.warmup, copy_mb=args.copy_mb,
         seed=args.seed,
     )
     settings.validate()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
+from gsa.chunk_store import RAW_TIERS
 from gsa.errors import InvalidInputError
 from gsa.layout import GistSpec
 from gsa.methods import get_method
@@ -38,6 +40,14 @@ class GSAConfig:
         seed: seed of the ``random`` method's draws.
         select_first_layer: also select in layer 0, whose gists carry little information; off by
             default, so layer 0 attends under the gist mask.
+        raw_tier: where a ``GistCache`` keeps the raw chunk KV: ``device`` (the model's device),
+            ``host`` (host memory, pinned when CUDA is available) or ``disk`` (a memory-mapped
+            file). Gists, sinks and recent tokens always stay on the device.
+        lru_chunks: (batch row, chunk) entries per layer, all KV heads each, that a host or disk
+            tier keeps on the device after recalling them; 0 disables the LRU. Ignored by the
+            device tier.
+        offload_dir: folder for the disk tier's files; ``None`` uses a temporary folder. Each
+            file is removed when its cache is closed or garbage-collected.
     """
 
     spec: GistSpec = field(default_factory=GistSpec)
@@ -49,12 +59,20 @@ class GSAConfig:
     impl: str = "fast"
     seed: int = 0
     select_first_layer: bool = False
+    raw_tier: str = "device"
+    lru_chunks: int = 0
+    offload_dir: str | None = None
 
     def __post_init__(self) -> None:
         get_method(self.method)  # raises for an unknown name
         _check_choice("merge", self.merge, MERGES)
         _check_choice("prefill", self.prefill, PREFILLS)
         _check_choice("impl", self.impl, IMPLS)
+        _check_choice("raw tier", self.raw_tier, RAW_TIERS)
+        if self.lru_chunks < 0:
+            raise InvalidInputError(f"lru-chunks must be 0 or more, got {self.lru_chunks}; use 0 to disable the LRU")
+        if self.offload_dir is not None and not os.path.isdir(self.offload_dir):
+            raise InvalidInputError(f"offload directory {self.offload_dir!r} not found; create it or omit offload_dir")
         if self.top_k is not None and self.top_k < 1:
             raise InvalidInputError(f"top-k must be at least 1, got {self.top_k}; omit it to use the budget rule")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:

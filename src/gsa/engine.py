@@ -151,7 +151,9 @@ class GistGenerator:
         )
         seconds = time.perf_counter() - start
         new_tokens = output[:, batch.input_ids.shape[1]:]
-        return [self._result(batch, b, new_tokens[b], cache, config, seconds) for b in range(batch.batch_size)]
+        results = [self._result(batch, b, new_tokens[b], cache, config, seconds) for b in range(batch.batch_size)]
+        cache.close()  # removes a disk tier's files now rather than at garbage collection
+        return results
 
     @torch.no_grad()
     def prefill(self, context: str, config: GSAConfig) -> GistCache:

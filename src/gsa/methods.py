@@ -126,19 +126,21 @@ class MeanKey(Method):
     def scores(self, inputs):
         tiers = inputs.tiers
         if "mean-key" not in tiers.summaries:
-            weights = tiers.chunk_valid[:, None, :, :, None].to(tiers.chunk_k.dtype)  # (B, 1, N, Cm, 1)
-            tiers.summaries["mean-key"] = (tiers.chunk_k * weights).sum(3) / weights.sum(3).clamp(min=1)
+            chunk_k, _ = tiers.raw_chunks()  # (B, Hk, N, Cm, D)
+            weights = tiers.chunk_valid[:, None, :, :, None].to(chunk_k.dtype)  # (B, 1, N, Cm, 1)
+            tiers.summaries["mean-key"] = (chunk_k * weights).sum(3) / weights.sum(3).clamp(min=1)
         return score_gists(inputs.query, tiers.summaries["mean-key"], inputs.scaling)  # keys (B, Hk, N, D)
 
     def scores_naive(self, inputs):
         tiers = inputs.tiers
-        batch, kv_heads, num_chunks, _, dim = tiers.chunk_k.shape
+        chunk_k, _ = tiers.raw_chunks()
+        batch, kv_heads, num_chunks, _, dim = chunk_k.shape
         mean = torch.zeros(batch, kv_heads, num_chunks, dim)
         for b in range(batch):
             for n in range(num_chunks):
                 slots = [c for c in range(tiers.chunk_valid.shape[2]) if tiers.chunk_valid[b, n, c]]
                 for c in slots:
-                    mean[b, :, n] += tiers.chunk_k[b, :, n, c].float() / len(slots)
+                    mean[b, :, n] += chunk_k[b, :, n, c].float() / len(slots)
         return _loop_scores(inputs.query, mean, inputs.scaling)
 
 
@@ -152,9 +154,10 @@ class Quest(Method):
     def scores(self, inputs):
         tiers = inputs.tiers
         if "quest" not in tiers.summaries:
+            chunk_k = tiers.raw_chunks()[0].float()  # (B, Hk, N, Cm, D)
             valid = tiers.chunk_valid[:, None, :, :, None]  # (B, 1, N, Cm, 1)
-            key_max = tiers.chunk_k.float().masked_fill(~valid, float("-inf")).amax(3)  # (B, Hk, N, D)
-            key_min = tiers.chunk_k.float().masked_fill(~valid, float("inf")).amin(3)
+            key_max = chunk_k.masked_fill(~valid, float("-inf")).amax(3)  # (B, Hk, N, D)
+            key_min = chunk_k.masked_fill(~valid, float("inf")).amin(3)
             tiers.summaries["quest"] = (key_max.nan_to_num(0.0, 0.0, 0.0), key_min.nan_to_num(0.0, 0.0, 0.0))
         key_max, key_min = tiers.summaries["quest"]
         batch, heads, length, dim = inputs.query.shape
@@ -168,6 +171,7 @@ class Quest(Method):
         batch, heads, length, dim = query.shape
         kv_heads, num_chunks = tiers.num_kv_heads, tiers.chunk_valid.shape[1]
         group = heads // kv_heads
+        chunk_k, _ = tiers.raw_chunks()  # (B, Hk, N, Cm, D)
         out = torch.zeros(batch, kv_heads, group, length, num_chunks)
         for b in range(batch):
             for h in range(heads):
@@ -175,7 +179,7 @@ class Quest(Method):
                     slots = [c for c in range(tiers.chunk_valid.shape[2]) if tiers.chunk_valid[b, n, c]]
                     if not slots:
                         continue
-                    keys = torch.stack([tiers.chunk_k[b, h // group, n, c].float() for c in slots])
+                    keys = torch.stack([chunk_k[b, h // group, n, c].float() for c in slots])
                     low, high = keys.min(0).values, keys.max(0).values
                     for t in range(length):
                         q = query[b, h, t].float()
@@ -245,7 +249,9 @@ class Oracle(Method):
         grouped = query.float().view(batch, kv_heads, heads // kv_heads, length, dim)
 
         # Logits over sinks, chunk tokens and visible recent tokens, softmax, mass per chunk.
-        chunk_logits = torch.einsum("bkgtd,bkncd->bkgtnc", grouped, tiers.chunk_k.float()) * inputs.scaling
+        # NOTE: oracle reads every raw key each step, so with a host or disk tier it copies the whole tier.
+        chunk_k, _ = tiers.raw_chunks()  # (B, Hk, N, Cm, D)
+        chunk_logits = torch.einsum("bkgtd,bkncd->bkgtnc", grouped, chunk_k.float()) * inputs.scaling
         chunk_logits = chunk_logits.masked_fill(~tiers.chunk_valid[:, None, None, None], float("-inf"))
         other = torch.cat([tiers.sink_k, tiers.recent_k], dim=2).float()
         other_logits = torch.einsum("bkgtd,bksd->bkgts", grouped, other) * inputs.scaling

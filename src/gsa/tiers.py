@@ -4,6 +4,10 @@ Selective attention reads keys and values by tier rather than in sequence order.
 stored as a (B, Hk, N, Cm, D) block so that recalling chunk n is one index on the N dimension, and
 the gists of those chunks as (B, Hk, N, D). Sinks and recent tokens (the context tail, the suffix
 and every generated token) are always attended.
+
+The raw chunks may be moved off the device into a ``ChunkStore`` (host memory or disk). Code that
+reads them goes through ``Tiers.gather_chunks`` and ``Tiers.raw_chunks``; every other tier stays on
+the device.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gsa.chunk_store import ChunkStore
 from gsa.layout import GistBatch
 
 
@@ -22,8 +27,8 @@ class Tiers:
     sink_k: torch.Tensor  # (B, Hk, S0, D)
     sink_v: torch.Tensor
     sink_valid: torch.Tensor  # (B, S0)
-    chunk_k: torch.Tensor  # (B, Hk, N, Cm, D)
-    chunk_v: torch.Tensor
+    chunk_k: torch.Tensor | None  # (B, Hk, N, Cm, D); None once moved to ``store``
+    chunk_v: torch.Tensor | None
     chunk_valid: torch.Tensor  # (B, N, Cm)
     gist_k: torch.Tensor  # (B, Hk, N, D)
     gist_v: torch.Tensor
@@ -34,6 +39,7 @@ class Tiers:
     num_chunks: torch.Tensor  # (B,)
     # Per-chunk key summaries (Quest bounds, mean keys), computed once: the chunk tier never changes.
     summaries: dict = field(default_factory=dict)
+    store: ChunkStore | None = None  # the raw chunks when they live in host memory or on disk
 
     @property
     def num_kv_heads(self) -> int:
@@ -46,10 +52,39 @@ class Tiers:
         new_valid = torch.ones(key.shape[0], key.shape[2], dtype=torch.bool, device=key.device)
         self.recent_valid = torch.cat([self.recent_valid, new_valid], dim=1)
 
+    def offload(self, store: ChunkStore) -> None:
+        """Serve the raw chunks from ``store`` and drop the device copies."""
+        self.store = store
+        self.chunk_k = self.chunk_v = None
+
+    def gather_chunks(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the raw keys and values of chunks ``index`` (B, Hk, K) as (B, Hk, K, Cm, D)."""
+        if self.store is not None:
+            return self.store.gather(index)
+        rows = torch.arange(index.shape[0], device=index.device)[:, None, None]
+        heads = torch.arange(index.shape[1], device=index.device)[None, :, None]
+        return self.chunk_k[rows, heads, index], self.chunk_v[rows, heads, index]
+
+    def raw_chunks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return every raw chunk's keys and values (B, Hk, N, Cm, D) on the device.
+
+        With a store this reads the whole tier, so callers on the decode path should gather instead.
+        """
+        if self.store is not None:
+            return self.store.full()
+        return self.chunk_k, self.chunk_v
+
     def nbytes(self) -> int:
-        tensors = (self.sink_k, self.sink_v, self.chunk_k, self.chunk_v, self.gist_k, self.gist_v,
-                   self.recent_k, self.recent_v)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes of KV stored in every tier, wherever the raw chunks live."""
+        return self.resident_nbytes() + (self.store.stored_bytes() if self.store is not None else 0)
+
+    def resident_nbytes(self) -> int:
+        """Bytes of KV held in process memory: the device tiers plus the store's host copy and LRU."""
+        tensors = [self.sink_k, self.sink_v, self.gist_k, self.gist_v, self.recent_k, self.recent_v]
+        if self.store is None:
+            tensors += [self.chunk_k, self.chunk_v]
+        resident = sum(t.numel() * t.element_size() for t in tensors)
+        return resident + (self.store.resident_bytes() if self.store is not None else 0)
 
 
 def gather_columns(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from gsa.tiers import Tiers
 
 @dataclass
 class Visibility:
-    """What each query may attend to, per KV head."""
+    """Per-KV-head visibility of chunks, gists and recent tokens for each query."""
 
     chunk_on: torch.Tensor  # (B, Hk, T, N): raw tokens of these chunks are attended
     gist_on: torch.Tensor  # (B, Hk, T, N): these gists are attended
@@ -56,8 +56,9 @@ def attend_masked(query: torch.Tensor, tiers: Tiers, vis: Visibility, scaling: f
     group = heads // kv_heads
     num_chunks, chunk_len = tiers.chunk_valid.shape[1:]
 
-    keys = torch.cat([tiers.sink_k, tiers.chunk_k.flatten(2, 3), tiers.gist_k, tiers.recent_k], dim=2)
-    values = torch.cat([tiers.sink_v, tiers.chunk_v.flatten(2, 3), tiers.gist_v, tiers.recent_v], dim=2)
+    chunk_k, chunk_v = tiers.raw_chunks()  # (B, Hk, N, Cm, D)
+    keys = torch.cat([tiers.sink_k, chunk_k.flatten(2, 3), tiers.gist_k, tiers.recent_k], dim=2)
+    values = torch.cat([tiers.sink_v, chunk_v.flatten(2, 3), tiers.gist_v, tiers.recent_v], dim=2)
 
     # Visibility of each key column, in the same tier order. (B, Hk, T, S0 + N*Cm + N + R)
     sink_on = tiers.sink_valid[:, None, None, :].expand(batch, kv_heads, length, -1)
@@ -92,8 +93,8 @@ def attend_gathered(query: torch.Tensor, tiers: Tiers, vis: Visibility, scaling:
     index, picked = order.indices[..., :count], order.values[..., :count].bool()
     b = torch.arange(batch, device=query.device)[:, None, None]
     h = torch.arange(kv_heads, device=query.device)[None, :, None]
-    raw_k = tiers.chunk_k[b, h, index].flatten(2, 3)  # (B, Hk, K*Cm, D)
-    raw_v = tiers.chunk_v[b, h, index].flatten(2, 3)
+    raw_k, raw_v = tiers.gather_chunks(index)  # (B, Hk, K, Cm, D)
+    raw_k, raw_v = raw_k.flatten(2, 3), raw_v.flatten(2, 3)  # (B, Hk, K*Cm, D)
     raw_on = (tiers.chunk_valid[b, index] & picked[..., None]).flatten(2, 3)  # (B, Hk, K*Cm)
 
     # Gists: those of the recalled chunks, every visible gist, or none when gists only route.

@@ -58,20 +58,22 @@ def naive_tier_attention(query: torch.Tensor, tiers: Tiers, vis: Visibility, sca
     batch, heads, length, dim = query.shape
     group = heads // tiers.num_kv_heads
     out = torch.zeros(batch, heads, length, dim, dtype=torch.float64)
+    chunks = tiers.raw_chunks()  # read once: with a store this loads the whole tier
     for b in range(batch):
         for h in range(heads):
             hk = h // group
             for t in range(length):
-                keys, values = _visible_keys(tiers, vis, b, hk, t)
+                keys, values = _visible_keys(tiers, chunks, vis, b, hk, t)
                 if not keys:
                     continue
                 out[b, h, t] = _softmax_attend(query[b, h, t], keys, values, scaling)
     return out.to(query.dtype)
 
 
-def _visible_keys(tiers: Tiers, vis: Visibility, b: int, hk: int, t: int):
+def _visible_keys(tiers: Tiers, chunks: tuple[torch.Tensor, torch.Tensor], vis: Visibility, b: int, hk: int, t: int):
     """List the (key, value) pairs query ``t`` of row ``b`` sees through KV head ``hk``, tier by tier."""
     pairs = []
+    chunk_k, chunk_v = chunks  # (B, Hk, N, Cm, D)
     for s in range(tiers.sink_valid.shape[1]):
         if tiers.sink_valid[b, s]:
             pairs.append((tiers.sink_k[b, hk, s], tiers.sink_v[b, hk, s]))
@@ -79,7 +81,7 @@ def _visible_keys(tiers: Tiers, vis: Visibility, b: int, hk: int, t: int):
         if vis.chunk_on[b, hk, t, n]:
             for c in range(tiers.chunk_valid.shape[2]):
                 if tiers.chunk_valid[b, n, c]:
-                    pairs.append((tiers.chunk_k[b, hk, n, c], tiers.chunk_v[b, hk, n, c]))
+                    pairs.append((chunk_k[b, hk, n, c], chunk_v[b, hk, n, c]))
         if vis.gist_on[b, hk, t, n]:
             pairs.append((tiers.gist_k[b, hk, n], tiers.gist_v[b, hk, n]))
     for r in range(tiers.recent_valid.shape[1]):
