@@ -473,3 +473,14 @@ def test_gist_spec_max_chunk_len(chunk_size, word_boundary, expected):
     spec = GistSpec(chunk_size=chunk_size, word_boundary=word_boundary)
 
     assert spec.max_chunk_len == expected
+
+
+def test_level_marks_gists_only():
+    spec = GistSpec(chunk_size=3, sinks=1)
+    seqs = [insert_gists(list(range(1, 12)), [40], 99, spec), insert_gists(list(range(1, 5)), [41], 99, spec)]
+    batch = collate(seqs, spec, pad_id=0)
+    for b in range(2):
+        for col in range(batch.input_ids.shape[1]):
+            expected = 1 if int(batch.kind[b, col]) == TokenKind.GIST else 0
+            assert int(batch.level[b, col]) == expected
+    assert spec.chunk_sizes == (3,)

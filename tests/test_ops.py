@@ -221,14 +221,26 @@ def test_recent_visibility_is_causal():
 
 
 
-@pytest.mark.parametrize("name", ["gsa", "mean-key", "quest"])
+@pytest.mark.parametrize("name", ["gsa", "mean-key", "quest", "oracle", "recent", "streaming", "random"])
 def test_method_scores_match_loops(name):
     from gsa.methods import SelectionInputs, get_method
 
     batch, tiers = ragged_tiers(chunk_size=3, kv_heads=2, seed=12)
     query = torch.randn(2, 6, 2, 8)
-    inputs = SelectionInputs(query, tiers, recent_visibility(tiers, batch.suffix_slot[:, -2:]), 0.3)
+    slot = batch.suffix_slot[:, -2:]
+    inputs = SelectionInputs(query, tiers, recent_visibility(tiers, slot), 0.3, slot, seed=5, layer_idx=2)
     method = get_method(name)
     fast, slow = method.scores(inputs), method.scores_naive(inputs)
     candidate = tiers.gist_valid[:, None, None, None, :].expand_as(fast)
     assert relative_error(fast[candidate], slow[candidate]) < TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["gsa", "mean-key", "quest", "oracle", "recent", "streaming", "random"])
+def test_method_selection_matches_naive(name):
+    batch, tiers = ragged_tiers(chunk_size=3, kv_heads=2, seed=13)
+    query = torch.randn(2, 6, batch.suffix_slot.shape[1], 8)
+    fast = visibility(query, tiers, batch.suffix_slot, GSAConfig(spec=batch.spec, method=name), 1, 0.3)
+    slow = visibility(query, tiers, batch.suffix_slot, GSAConfig(spec=batch.spec, method=name, impl="naive"), 1, 0.3)
+    valid = batch.suffix_slot >= 0
+    for b in range(2):
+        assert torch.equal(fast.chunk_on[b][:, valid[b]], slow.chunk_on[b][:, valid[b]])

@@ -11,6 +11,8 @@ Metadata per token:
 - ``chunk``: the index of the level-1 chunk the token belongs to. A gist belongs to the chunk it
   closes. Sinks get -1. The tail (the last, partial chunk of the context, which gets no gist) and
   the suffix form one final chunk with index N, the number of full chunks;
+- ``level``: 0 for every non-gist token, l for a gist of level l. One level is built here; a
+  gist-of-gists layout adds higher levels in the same field, with one chunk index per level;
 - ``position``: the RoPE position. Raw tokens keep the positions they would have without gists,
   and a gist reuses the position of the last raw token of its chunk.
 
@@ -67,6 +69,11 @@ class GistSpec:
             raise InvalidInputError(f"the local window must be 0 or more chunks, got {self.window_chunks}")
 
     @property
+    def chunk_sizes(self) -> tuple[int, ...]:
+        """Chunk size of each level, lowest first; this layout builds one level."""
+        return (self.chunk_size,)
+
+    @property
     def max_chunk_len(self) -> int:
         return self.chunk_size + (self.chunk_size // 2 if self.word_boundary else 0)
 
@@ -80,15 +87,17 @@ class GistedSequence:
     kind: list[int]
     chunk: list[int]
     num_chunks: int
+    level: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def append(self, token: int, position: int, kind: TokenKind, chunk: int) -> None:
+    def append(self, token: int, position: int, kind: TokenKind, chunk: int, level: int = 0) -> None:
         self.input_ids.append(token)
         self.position_ids.append(position)
         self.kind.append(int(kind))
         self.chunk.append(chunk)
+        self.level.append(level)
 
 
 def chunk_bounds(length: int, spec: GistSpec, word_starts: list[bool] | None = None) -> list[tuple[int, int]]:
@@ -145,7 +154,7 @@ def insert_gists(
     for n, (start, end) in enumerate(bounds):
         for i in range(start, end):
             seq.append(context_ids[i], i, TokenKind.RAW, n)
-        seq.append(gist_id, end - 1, TokenKind.GIST, n)
+        seq.append(gist_id, end - 1, TokenKind.GIST, n, level=1)
 
     # The tail of the context and the suffix share the final chunk index N.
     tail_start = bounds[-1][1] if bounds else sink_end
@@ -175,6 +184,7 @@ class GistBatch:
     position_ids: torch.Tensor  # (B, L)
     kind: torch.Tensor  # (B, L)
     chunk: torch.Tensor  # (B, L)
+    level: torch.Tensor  # (B, L): 0 for non-gists, l for a level-l gist
     num_chunks: torch.Tensor  # (B,)
     sink_index: torch.Tensor  # (B, S0)
     chunk_index: torch.Tensor  # (B, N, Cm)
@@ -194,7 +204,7 @@ class GistBatch:
 
 
 _TENSOR_FIELDS = (
-    "input_ids", "attention_mask", "position_ids", "kind", "chunk", "num_chunks", "sink_index",
+    "input_ids", "attention_mask", "position_ids", "kind", "chunk", "level", "num_chunks", "sink_index",
     "chunk_index", "gist_index", "recent_index", "suffix_index", "suffix_slot",
 )
 
@@ -205,7 +215,7 @@ def collate(sequences: list[GistedSequence], spec: GistSpec, pad_id: int) -> Gis
         raise ValueError("cannot collate an empty list of sequences")
     width = max(len(s) for s in sequences)
     rows = [_pad_row(s, width, pad_id) for s in sequences]
-    input_ids, position_ids, kind, chunk = (torch.tensor(column, dtype=torch.long) for column in zip(*rows))
+    input_ids, position_ids, kind, chunk, level = (torch.tensor(column, dtype=torch.long) for column in zip(*rows))
     num_chunks = torch.tensor([s.num_chunks for s in sequences], dtype=torch.long)
 
     maps = [_tier_maps(kind[b], chunk[b], int(num_chunks[b])) for b in range(len(sequences))]
@@ -223,7 +233,7 @@ def collate(sequences: list[GistedSequence], spec: GistSpec, pad_id: int) -> Gis
 
     return GistBatch(
         spec=spec, input_ids=input_ids, attention_mask=(kind != TokenKind.PAD).long(),
-        position_ids=position_ids, kind=kind, chunk=chunk, num_chunks=num_chunks,
+        position_ids=position_ids, kind=kind, chunk=chunk, level=level, num_chunks=num_chunks,
         sink_index=sink_index, chunk_index=chunk_index, gist_index=gist_index,
         recent_index=recent_index, suffix_index=suffix_index, suffix_slot=suffix_slot,
     )
@@ -236,6 +246,7 @@ def _pad_row(seq: GistedSequence, width: int, pad_id: int) -> tuple[list[int], .
         [0] * pad + seq.position_ids,
         [int(TokenKind.PAD)] * pad + seq.kind,
         [-1] * pad + seq.chunk,
+        [0] * pad + seq.level,
     )
 
 

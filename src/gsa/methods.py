@@ -15,6 +15,7 @@ per-group ones.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -197,6 +198,9 @@ class Recent(Method):
     def scores(self, inputs):
         return _recency(inputs, group=inputs.query.shape[1] // inputs.tiers.num_kv_heads)
 
+    def scores_naive(self, inputs):
+        return _loop_recency(inputs, group=inputs.query.shape[1] // inputs.tiers.num_kv_heads)
+
 
 @register
 class Streaming(Method):
@@ -208,6 +212,9 @@ class Streaming(Method):
 
     def scores(self, inputs):
         return _recency(inputs, group=1)
+
+    def scores_naive(self, inputs):
+        return _loop_recency(inputs, group=1)
 
 
 @register
@@ -232,6 +239,20 @@ class Random(Method):
         key = (((inputs.seed * 1_000_003 + inputs.layer_idx) * 1_000_003 + head) * 1_000_003
                + slot.view(batch, 1, 1, length, 1)) * 1_000_003 + chunk
         return _hash_uniform(key)  # (B, Hk, 1, T, N)
+
+    def scores_naive(self, inputs):
+        batch, _, length, _ = inputs.query.shape
+        kv_heads, num_chunks = inputs.tiers.num_kv_heads, inputs.tiers.gist_valid.shape[1]
+        out = torch.zeros(batch, kv_heads, 1, length, num_chunks)
+        for b in range(batch):
+            padding = int((~inputs.tiers.recent_valid[b]).sum())
+            for t in range(length):
+                slot = (int(inputs.query_slot[b, t]) if inputs.query_slot is not None else 0) - padding
+                for h in range(kv_heads):
+                    for n in range(num_chunks):
+                        key = (((inputs.seed * 1_000_003 + inputs.layer_idx) * 1_000_003 + h) * 1_000_003 + slot)
+                        out[b, h, 0, t, n] = _scalar_hash_uniform(key * 1_000_003 + n)
+        return out
 
 
 @register
@@ -260,6 +281,41 @@ class Oracle(Method):
         logits = torch.cat([chunk_logits.flatten(-2), other_logits], dim=-1)
         probs = torch.softmax(logits, dim=-1)[..., : num_chunks * chunk_len]
         return probs.reshape(batch, kv_heads, heads // kv_heads, length, num_chunks, chunk_len).sum(-1)
+
+    def scores_naive(self, inputs):
+        tiers, query = inputs.tiers, inputs.query
+        batch, heads, length, _ = query.shape
+        group, num_chunks = heads // tiers.num_kv_heads, tiers.chunk_valid.shape[1]
+        chunk_k, _ = tiers.raw_chunks()
+        out = torch.zeros(batch, tiers.num_kv_heads, group, length, num_chunks)
+        for b in range(batch):
+            for h in range(heads):
+                hk = h // group
+                for t in range(length):
+                    q = query[b, h, t].double()
+                    # (chunk or -1, logit) for every key the query can see
+                    logits = [(-1, float(q @ tiers.sink_k[b, hk, s].double()) * inputs.scaling)
+                              for s in range(tiers.sink_valid.shape[1]) if tiers.sink_valid[b, s]]
+                    logits += [(n, float(q @ chunk_k[b, hk, n, c].double()) * inputs.scaling)
+                               for n in range(num_chunks) for c in range(tiers.chunk_valid.shape[2])
+                               if tiers.chunk_valid[b, n, c]]
+                    logits += [(-1, float(q @ tiers.recent_k[b, hk, r].double()) * inputs.scaling)
+                               for r in range(tiers.recent_valid.shape[1]) if inputs.recent_on[b, t, r]]
+                    top = max(x for _, x in logits)
+                    total = sum(math.exp(x - top) for _, x in logits)
+                    for n, x in logits:
+                        if n >= 0:
+                            out[b, hk, h % group, t, n] += math.exp(x - top) / total
+        return out
+
+
+def _loop_recency(inputs: SelectionInputs, group: int) -> torch.Tensor:
+    batch, _, length, _ = inputs.query.shape
+    kv_heads, num_chunks = inputs.tiers.num_kv_heads, inputs.tiers.gist_valid.shape[1]
+    out = torch.zeros(batch, kv_heads, group, length, num_chunks)
+    for n in range(num_chunks):
+        out[..., n] = float(n)  # a later chunk is more recent
+    return out
 
 
 def _recency(inputs: SelectionInputs, group: int) -> torch.Tensor:
@@ -292,3 +348,16 @@ def _hash_uniform(key: torch.Tensor) -> torch.Tensor:
     x = x * -7723592293110705685  # 0x94d049bb133111eb
     x = x ^ (x >> 31)
     return (x & 0xFFFFFF).to(torch.float32) / float(1 << 24)
+
+
+def _scalar_hash_uniform(key: int) -> float:
+    """Loop twin of ``_hash_uniform`` for one key, emulating signed 64-bit wrapping in Python."""
+
+    def wrap(x: int) -> int:
+        return ((x + (1 << 63)) % (1 << 64)) - (1 << 63)
+
+    x = wrap(key)
+    x = wrap((x ^ (x >> 30)) * -4658895280553007687)
+    x = wrap((x ^ (x >> 27)) * -7723592293110705685)
+    x = x ^ (x >> 31)
+    return (x & 0xFFFFFF) / float(1 << 24)
