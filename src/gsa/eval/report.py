@@ -52,7 +52,7 @@ class Run:
     n: int
     score: float
     metric: str
-    mean_attended_kv_fraction: float
+    mean_attended_kv_fraction: float | None  # None for perplexity, which generates nothing
     seconds: float | None = None
     model: str = ""
     diagnostics: dict[str, float] = field(default_factory=dict)
@@ -160,7 +160,8 @@ def read_summary(path: Path) -> Run:
         n=n,
         score=_require_number(summary, "score", path),
         metric=_require_text(summary, "metric", path),
-        mean_attended_kv_fraction=_require_number(summary, "mean_attended_kv_fraction", path, minimum=0),
+        mean_attended_kv_fraction=(None if summary.get("mean_attended_kv_fraction") is None
+                                   else _require_number(summary, "mean_attended_kv_fraction", path, minimum=0)),
         seconds=float(seconds) if _is_finite_number(seconds) else None,
         model=summary.get("model") if isinstance(summary.get("model"), str) else "",
         diagnostics=_read_diagnostics(summary, path),
@@ -395,7 +396,7 @@ def score_table(runs: list[Run]) -> list[str]:
         for column in columns:
             run = by_column.get(column)
             row.append(MISSING_CELL if run is None else
-                       f"{format_significant(run.score)} ({run.mean_attended_kv_fraction:.1%})")
+                       _score_cell(run))
         rows.append(row)
     return _markdown_table(["task", "n", *labels], rows)
 
@@ -498,3 +499,10 @@ def build_report(results_dir: Path, out_dir: Path | None = None) -> Path:
     report_path.write_text(render_markdown(results_dir, sections, skipped), encoding="utf-8")
     logger.info("wrote %s from %d runs (%d skipped)", report_path, len(runs), len(skipped))
     return report_path
+
+
+def _score_cell(run: Run) -> str:
+    """Format a score with the attended KV fraction, when the run generated tokens."""
+    if run.mean_attended_kv_fraction is None:
+        return format_significant(run.score)
+    return f"{format_significant(run.score)} ({run.mean_attended_kv_fraction:.1%})"
