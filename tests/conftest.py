@@ -102,3 +102,24 @@ def fixture_dir(tmp_path_factory) -> Path:
     return folder
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tasks"
+
+
+def decode_steps(model, batch, config, tokens: list[list[int]]):
+    """Prefill ``batch`` into a GistCache, then feed ``tokens`` one step at a time.
+
+    Returns the logits of the last prompt token followed by those of each step, (B, steps + 1, V),
+    and the cache.
+    """
+    from gsa.cache import GistCache
+
+    cache = GistCache(model.config, batch, config)
+    outputs = []
+    with torch.no_grad():
+        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, cache=cache)
+        outputs.append(out.logits[:, -1])
+        position = batch.position_ids[:, -1:]
+        for step in range(len(tokens[0])):
+            position = position + 1
+            ids = torch.tensor([[row[step]] for row in tokens])
+            outputs.append(model(input_ids=ids, position_ids=position, cache=cache).logits[:, -1])
+    return torch.stack(outputs, dim=1), cache

@@ -18,7 +18,6 @@ from transformers import AutoTokenizer, LlamaConfig, T5Config
 
 from conftest import TINY_POSITIONS
 from gsa import cli
-from gsa.methods import METHODS
 
 QUESTION = "What is it about?"
 TEXT = "The annual report covers sales, staff and the new office in Lyon. " * 5

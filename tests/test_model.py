@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import GIST_ID, make_model, relative_error
+from conftest import GIST_ID, decode_steps, make_model, relative_error
 from gsa.cache import GistCache
 from gsa.config import GSAConfig
 from gsa.layout import GistSpec, TokenKind, collate, insert_gists
@@ -32,21 +32,8 @@ def uncached_logits(model, batch, config):
 
 
 def cached_steps(model, batch, config, tokens: list[list[int]]):
-    """Prefill ``batch`` into a GistCache, then feed ``tokens`` one step at a time.
-
-    Returns the logits of the last prompt token followed by those of each step, (B, steps + 1, V).
-    """
-    cache = GistCache(model.config, batch, config)
-    outputs = []
-    with torch.no_grad():
-        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, cache=cache)
-        outputs.append(out.logits[:, -1])
-        position = batch.position_ids[:, -1:]
-        for step in range(len(tokens[0])):
-            position = position + 1
-            ids = torch.tensor([[row[step]] for row in tokens])
-            outputs.append(model(input_ids=ids, position_ids=position, cache=cache).logits[:, -1])
-    return torch.stack(outputs, dim=1)
+    """Logits of the last prompt token and of each fed token, (B, steps + 1, V)."""
+    return decode_steps(model, batch, config, tokens)[0]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from conftest import GIST_ID, make_model, relative_error
+from conftest import GIST_ID, decode_steps, make_model, relative_error
 from gsa.cache import GistCache
 from gsa.config import GSAConfig
 from gsa.errors import InvalidInputError
@@ -30,17 +30,7 @@ def gisted(contexts, suffixes):
 
 def decode(model, batch, config, tokens: list[list[int]]) -> tuple[torch.Tensor, GistCache]:
     """Prefill ``batch``, feed ``tokens`` one step at a time; return the (B, steps + 1, V) logits and the cache."""
-    cache = GistCache(model.config, batch, config)
-    outputs = []
-    with torch.no_grad():
-        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, cache=cache)
-        outputs.append(out.logits[:, -1])
-        position = batch.position_ids[:, -1:]
-        for step in range(len(tokens[0])):
-            position = position + 1
-            ids = torch.tensor([[row[step]] for row in tokens])
-            outputs.append(model(input_ids=ids, position_ids=position, cache=cache).logits[:, -1])
-    return torch.stack(outputs, dim=1), cache
+    return decode_steps(model, batch, config, tokens)
 
 
 def generate(model, batch, config, new_tokens: int = 6) -> list[list[int]]:

@@ -390,13 +390,7 @@ def run_bench_decode(args) -> int:
     settings.validate()
     _set_threads(args.threads)
     generator = _load_generator(args) if "model" in settings.scopes else None
-    result = run_decode_bench(settings, generator)
-    print(format_decode_table(result))
-    if not args.no_plot:
-        result["plot"] = str(plot_decode(result, Path(args.plot)))
-        print(f"plot: {result['plot']}")
-    print(json.dumps(result), flush=True)
-    return 0
+    return _print_bench(run_decode_bench(settings, generator), format_decode_table, plot_decode, args)
 
 
 def run_bench_prefill(args) -> int:
@@ -411,10 +405,14 @@ def run_bench_prefill(args) -> int:
         batch=args.batch, dtype=args.dtype, sinks=args.sinks, window=args.window, repeats=args.repeats,
         warmup=args.warmup, seed=args.seed, threads=args.threads,
     )
-    result = run_prefill_bench(settings)
-    print(format_prefill_table(result))
+    return _print_bench(run_prefill_bench(settings), format_prefill_table, plot_prefill, args)
+
+
+def _print_bench(result: dict, format_table, plot, args) -> int:
+    """Print a benchmark's table, then its plot path, then its JSON line last."""
+    print(format_table(result))
     if not args.no_plot:
-        result["plot"] = str(plot_prefill(result, Path(args.plot)))
+        result["plot"] = str(plot(result, Path(args.plot)))
         print(f"plot: {result['plot']}")
     print(json.dumps(result), flush=True)
     return 0
