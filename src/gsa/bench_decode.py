@@ -176,7 +176,7 @@ def synthetic_kv(context: int, settings: DecodeSettings, generator: torch.Genera
 
 def synthetic_tiers(keys: torch.Tensor, values: torch.Tensor, spec: GistSpec,
                     generator: torch.Generator) -> tuple[Tiers, torch.Tensor]:
-    """Cut flat (B, Hk, S, D) keys and values into tiers that share their storage.
+    """Cut flat (B, Hk, S, D) keys and values into tiers; the chunk tier is a contiguous copy.
 
     The last key is the query's own token, so the recent tier (the tail after the last full chunk)
     contains at least one key. Gist keys and values are drawn at random, one per chunk. Returns the
@@ -189,7 +189,8 @@ def synthetic_tiers(keys: torch.Tensor, values: torch.Tensor, spec: GistSpec,
     raw_end = sinks + num_chunks * chunk
 
     def cut(states):
-        chunks = states[:, :, sinks:raw_end].view(batch, kv_heads, num_chunks, chunk, dim)  # (B, Hk, N, C, D)
+        # A contiguous chunk tier, as GistCache builds it. (B, Hk, N, C, D)
+        chunks = states[:, :, sinks:raw_end].reshape(batch, kv_heads, num_chunks, chunk, dim).contiguous()
         return states[:, :, :sinks], chunks, states[:, :, raw_end:]
 
     sink_k, chunk_k, recent_k = cut(keys)

@@ -163,9 +163,12 @@ class Quest(Method):
         key_max, key_min = tiers.summaries["quest"]
         batch, heads, length, dim = inputs.query.shape
         kv_heads = tiers.num_kv_heads
-        query = inputs.query.float().view(batch, kv_heads, heads // kv_heads, length, 1, dim)
-        upper = torch.maximum(query * key_max[:, :, None, None], query * key_min[:, :, None, None])
-        return upper.sum(-1) * inputs.scaling  # (B, Hk, G, T, N)
+        query = inputs.query.float().view(batch, kv_heads, heads // kv_heads, length, dim)  # (B, Hk, G, T, D)
+        # max(q_d * min_d, q_d * max_d) is q_d * max_d where q_d >= 0 and q_d * min_d elsewhere,
+        # so the bound is two matrix products instead of a (B, Hk, G, T, N, D) intermediate.
+        upper = (torch.einsum("bkgtd,bknd->bkgtn", query.clamp(min=0), key_max)
+                 + torch.einsum("bkgtd,bknd->bkgtn", query.clamp(max=0), key_min))
+        return upper * inputs.scaling  # (B, Hk, G, T, N)
 
     def scores_naive(self, inputs):
         tiers, query = inputs.tiers, inputs.query

@@ -61,9 +61,24 @@ class Tiers:
         """Return the raw keys and values of chunks ``index`` (B, Hk, K) as (B, Hk, K, Cm, D)."""
         if self.store is not None:
             return self.store.gather(index)
-        rows = torch.arange(index.shape[0], device=index.device)[:, None, None]
-        heads = torch.arange(index.shape[1], device=index.device)[None, :, None]
-        return self.chunk_k[rows, heads, index], self.chunk_v[rows, heads, index]
+        keys = gather_chunk_rows(self.chunk_k, index, self._scratch("gather_k", self.chunk_k, index))
+        values = gather_chunk_rows(self.chunk_v, index, self._scratch("gather_v", self.chunk_v, index))
+        return keys, values
+
+    def _scratch(self, name: str, chunks: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
+        """Return a reusable flat buffer for ``index.numel()`` gathered chunks.
+
+        Reusing it avoids a fresh allocation per decode step; large fresh allocations come from the
+        operating system as new zeroed pages, which made the gather several times slower on the CPU.
+        """
+        if not chunks.is_contiguous():
+            return None
+        rows, width = index.numel(), chunks.shape[3] * chunks.shape[4]
+        buffer = self.summaries.get(name)
+        if buffer is None or buffer.shape[0] < rows or buffer.dtype != chunks.dtype:
+            buffer = torch.empty(max(rows, 1) * 2, width, dtype=chunks.dtype, device=chunks.device)
+            self.summaries[name] = buffer
+        return buffer[:rows]
 
     def raw_chunks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Return every raw chunk's keys and values (B, Hk, N, Cm, D) on the device.
@@ -85,6 +100,25 @@ class Tiers:
             tensors += [self.chunk_k, self.chunk_v]
         resident = sum(t.numel() * t.element_size() for t in tensors)
         return resident + (self.store.resident_bytes() if self.store is not None else 0)
+
+
+def gather_chunk_rows(chunks: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Gather chunks ``index`` (B, Hk, K) of a (B, Hk, N, Cm, D) tier; returns (B, Hk, K, Cm, D).
+
+    A contiguous tier is read as (B * Hk * N) rows with ``index_select``, one block copy per chunk,
+    which on the CPU is several times faster than advanced indexing over three dimensions.
+    """
+    batch, kv_heads, num_chunks, chunk_len, dim = chunks.shape
+    if not chunks.is_contiguous():
+        rows = torch.arange(batch, device=index.device)[:, None, None]
+        heads = torch.arange(kv_heads, device=index.device)[None, :, None]
+        return chunks[rows, heads, index]
+    base = torch.arange(batch * kv_heads, device=index.device).view(batch, kv_heads, 1) * num_chunks
+    flat = chunks.view(batch * kv_heads * num_chunks, chunk_len * dim)
+    rows = (base + index).reshape(-1)
+    picked = torch.index_select(flat, 0, rows, out=out) if out is not None else flat.index_select(0, rows)
+    # picked: (B * Hk * K, Cm * D)
+    return picked.view(batch, kv_heads, index.shape[-1], chunk_len, dim)
 
 
 def gather_columns(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

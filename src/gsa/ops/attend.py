@@ -105,15 +105,24 @@ def attend_gathered(query: torch.Tensor, tiers: Tiers, vis: Visibility, scaling:
     else:
         gist_k, gist_v, gist_on = tiers.gist_k[:, :, :0], tiers.gist_v[:, :, :0], picked[..., :0]
 
-    keys = torch.cat([tiers.sink_k, raw_k, gist_k, tiers.recent_k], dim=2)  # (B, Hk, L, D)
-    values = torch.cat([tiers.sink_v, raw_v, gist_v, tiers.recent_v], dim=2)
-    mask = torch.cat([tiers.sink_valid[:, None].expand(-1, kv_heads, -1), raw_on, gist_on,
-                      vis.recent_on[:, 0][:, None].expand(-1, kv_heads, -1)], dim=-1)  # (B, Hk, L)
-
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # (B, Hk, G, D)
-    mask = _keep_rows_finite(mask[:, :, None, :])  # (B, Hk, 1, L)
-    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scaling)
-    return out.reshape(batch, heads, 1, dim)
+    # Attend the four parts without concatenating their keys and values: one softmax over the
+    # concatenated logits (B, Hk, G, L), then a weighted sum per part.
+    parts = [
+        (tiers.sink_k, tiers.sink_v, tiers.sink_valid[:, None].expand(-1, kv_heads, -1)),
+        (raw_k, raw_v, raw_on),
+        (gist_k, gist_v, gist_on),
+        (tiers.recent_k, tiers.recent_v, vis.recent_on[:, 0][:, None].expand(-1, kv_heads, -1)),
+    ]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim).float()  # (B, Hk, G, D)
+    logits = []
+    for keys, _, visible in parts:
+        part = torch.einsum("bkgd,bkld->bkgl", grouped, keys.float()) * scaling  # (B, Hk, G, L_i)
+        logits.append(part.masked_fill(~visible[:, :, None, :], float("-inf")))
+    weights = torch.softmax(torch.cat(logits, dim=-1), dim=-1).nan_to_num(0.0)  # padding rows: all masked
+    out = torch.zeros_like(grouped)
+    for (_, values, _), part in zip(parts, weights.split([p.shape[-1] for p in logits], dim=-1)):
+        out = out + torch.einsum("bkgl,bkld->bkgd", part, values.float())
+    return out.to(query.dtype).reshape(batch, heads, 1, dim)
 
 
 def _keep_rows_finite(mask: torch.Tensor) -> torch.Tensor:
