@@ -186,6 +186,7 @@ class GistGenerator:
     def _result(self, batch: GistBatch, row: int, tokens, cache: GistCache, config: GSAConfig, seconds: float):
         kind = batch.kind[row]
         stats = cache.stats
+        pad_id = self._pad_id()
         return GenerationResult(
             answer=self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
             method=config.method,
@@ -196,5 +197,5 @@ class GistGenerator:
             mean_unfolded_tokens_per_step=stats.mean_raw_per_step,
             mean_attended_kv_fraction=stats.mean_attended_fraction,
             seconds=seconds,
-            token_ids=[int(t) for t in tokens if int(t) != self._pad_id()],
+            token_ids=[int(t) for t in tokens if int(t) != pad_id],
         )

@@ -124,7 +124,7 @@ def suffix(kind: torch.Tensor) -> MaskFunction:
 
 
 def gist_mask(batch: GistBatch) -> MaskFunction:
-    """The training mask of one level: causal, unpadded, and one of own chunk, the P previous
+    """Build the training mask of one level: causal, unpadded, and one of own chunk, the P previous
     chunks, a gist or a sink. With P=1::
 
             s a b G c d H e q

@@ -4,8 +4,8 @@ Every method scores the chunks outside the local window for each query and recal
 All methods share the layout, the cache and the attention code, so they differ only in how they
 score. Each method has a vectorised ``scores`` and a loop-by-loop ``scores_naive`` twin.
 
-Budget: per-head methods recall k chunks per query head and merge the choices of a GQA group;
-per-group methods (``streaming``, ``random``) recall k * G chunks per KV head, the most a per-head
+Budget: per-head methods recall k chunks per query head and merge the choices of a GQA group.
+Per-group methods (``streaming``, ``random``) recall k * G chunks per KV head, the most a per-head
 method can reach after the union, so every method reads at most the same number of keys.
 
 Shape legend: B batch, T queries, H query heads, Hk KV heads, G = H / Hk, D head dim, N chunks,
@@ -25,7 +25,7 @@ from gsa.errors import InvalidInputError
 from gsa.ops.select import score_gists
 from gsa.tiers import Tiers
 
-METHODS: dict[str, type[Method]] = {}
+METHODS: dict[str, Method] = {}  # name -> the shared instance; methods hold no state
 
 
 @dataclass
@@ -73,15 +73,15 @@ class Method:
 
 
 def register(cls: type[Method]) -> type[Method]:
-    METHODS[cls.name] = cls
+    METHODS[cls.name] = cls()
     return cls
 
 
 def get_method(name: str) -> Method:
-    """Return a fresh instance of the method registered as ``name``."""
+    """Return the method registered as ``name``; every layer call shares the one instance."""
     if name not in METHODS:
         raise InvalidInputError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
-    return METHODS[name]()
+    return METHODS[name]
 
 
 @register

@@ -29,7 +29,7 @@ class KeyCounts:
 
 
 def selects_in_layer(config: GSAConfig, layer_idx: int) -> bool:
-    """Whether ``layer_idx`` recalls chunks. Gist routers skip layer 0, whose gists carry little
+    """Return whether ``layer_idx`` recalls chunks. Gist routers skip layer 0, whose gists carry little
     information, unless ``select_first_layer`` is set."""
     method = get_method(config.method)
     if not method.selects:

@@ -70,7 +70,7 @@ def attend_masked(query: torch.Tensor, tiers: Tiers, vis: Visibility, scaling: f
     # Queries of one group share the mask. (B, Hk, G*T, D)
     grouped = query.reshape(batch, kv_heads, group * length, dim)
     mask = mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, kv_heads, group * length, -1)
-    mask = _keep_rows_finite(mask)
+    mask = keep_rows_finite(mask)
     out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scaling)
     return out.reshape(batch, heads, length, dim)
 
@@ -125,7 +125,7 @@ def attend_gathered(query: torch.Tensor, tiers: Tiers, vis: Visibility, scaling:
     return out.to(query.dtype).reshape(batch, heads, 1, dim)
 
 
-def _keep_rows_finite(mask: torch.Tensor) -> torch.Tensor:
+def keep_rows_finite(mask: torch.Tensor) -> torch.Tensor:
     """Let rows with no visible key (padding queries) see every key, so softmax stays finite."""
     empty = ~mask.any(dim=-1, keepdim=True)
     return mask | empty

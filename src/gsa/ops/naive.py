@@ -71,7 +71,7 @@ def naive_tier_attention(query: torch.Tensor, tiers: Tiers, vis: Visibility, sca
 
 
 def _visible_keys(tiers: Tiers, chunks: tuple[torch.Tensor, torch.Tensor], vis: Visibility, b: int, hk: int, t: int):
-    """List the (key, value) pairs query ``t`` of row ``b`` sees through KV head ``hk``, tier by tier."""
+    """List the (key, value) pairs that query ``t`` of row ``b`` attends through KV head ``hk``, tier by tier."""
     pairs = []
     chunk_k, chunk_v = chunks  # (B, Hk, N, Cm, D)
     for s in range(tiers.sink_valid.shape[1]):
