@@ -14,6 +14,7 @@ from pathlib import Path
 
 from gsa.bench import DTYPES
 from gsa.chunk_store import RAW_TIERS
+from gsa.cli_train import add_train_parser
 from gsa.config import IMPLS, MERGES, PREFILLS, GSAConfig
 from gsa.errors import InvalidInputError
 from gsa.layout import GistSpec
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=run_generate)
     _add_eval_parsers(commands)
     _add_bench_parsers(commands)
+    add_train_parser(commands)
     return parser
 
 

@@ -1,0 +1,320 @@
+"""Training: targets, data splits, schedule, checkpoints, exact resume, DDP and bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import GIST_ID, make_model, relative_error
+from gsa.cache import GistCache
+from gsa.cli import main
+from gsa.config import GSAConfig
+from gsa.errors import InvalidInputError
+from gsa.layout import GistSpec, TokenKind
+from gsa.train.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from gsa.train.config import AdapterSection, DataSection, ModelSection, OptimSection, RunSection, TrainConfig
+from gsa.train.data import (
+    IGNORE, collate_examples, corpus_tokens, is_heldout, pack, pretrain_example, task_example,
+)
+from gsa.train.loop import Trainer, lr_factor, token_loss, train
+from gsa.train.weights import load_trained_model
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven small birds sing in the old garden".split()
+
+
+def corpus_file(folder: Path, documents: int = 12, words: int = 300) -> Path:
+    """A gzip JSONL corpus of seeded random word documents."""
+    generator = torch.Generator().manual_seed(1)
+    path = folder / "corpus.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        for d in range(documents):
+            picks = torch.randint(len(WORDS), (words,), generator=generator).tolist()
+            handle.write(json.dumps({"path": f"doc{d}", "text": " ".join(WORDS[i] for i in picks)}) + "\n")
+    return path
+
+
+def tiny_config(tmp_path: Path, model_dir: Path, **optim) -> TrainConfig:
+    corpus = corpus_file(tmp_path)
+    return TrainConfig(
+        model=ModelSection(base=str(model_dir), ratios=["8"]),
+        data=DataSection(dir=str(tmp_path), corpus=[corpus.name], seq_len=64, heldout_fraction=0.2),
+        adapter=AdapterSection(rank=4),
+        optim=OptimSection(**{"steps": 4, "lr": 5e-3, "batch_size": 2, "grad_accum": 2, **optim}),
+        run=RunSection(out_dir=str(tmp_path / "run"), save_every=2, seed=3),
+    )
+
+
+# --- targets -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [17, 40, 64])
+def test_pretrain_targets_skip_gists(length):
+    window = list(range(100, 100 + length + 1))
+    spec = GistSpec(chunk_size=5, sinks=2)
+    example = pretrain_example(window, GIST_ID, spec)
+
+    # Reference: walk the columns; a non-gist column predicts the next non-gist input, or the
+    # window's extra last token at the end.
+    seq = example.sequence
+    raw_columns = [i for i, k in enumerate(seq.kind) if k != TokenKind.GIST]
+    expected = [IGNORE] * len(seq)
+    for n, column in enumerate(raw_columns):
+        expected[column] = seq.input_ids[raw_columns[n + 1]] if n + 1 < len(raw_columns) else window[-1]
+    assert example.targets == expected
+    assert sorted(t for t in example.targets if t != IGNORE) == window[1:]
+
+
+def test_pack_predicts_each_token_once():
+    stream = list(range(1000))
+    windows = pack(stream, 64)
+    predicted = [t for w in windows for t in w[1:]]
+    assert predicted == stream[1:len(predicted) + 1]
+    assert all(len(w) == 65 for w in windows)
+
+
+def test_task_targets_only_answer():
+    context, prompt, answer = list(range(10, 60)), [7, 8, 9], [3, 4, 5]
+    example = task_example(context, prompt, answer, GIST_ID, GistSpec(chunk_size=8))
+    kinds = example.sequence.kind
+    predicted = [(i, t) for i, t in enumerate(example.targets) if t != IGNORE]
+    assert [t for _, t in predicted] == answer
+    # The column before each answer token predicts it: the last prompt token, then answer tokens.
+    last_prompt = len(kinds) - len(answer) - 1
+    assert [i for i, _ in predicted] == [last_prompt, last_prompt + 1, last_prompt + 2]
+    assert all(kinds[i] == TokenKind.SUFFIX for i, _ in predicted)
+
+
+def test_heldout_split_disjoint(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = corpus_file(tmp_path, documents=40, words=20)
+    names = [f"doc{d}" for d in range(40)]
+    heldout = {n for n in names if is_heldout(path.name, n, 0.25)}
+    assert 0 < len(heldout) < 40
+    train_ids = corpus_tokens([path], tokenizer, "train", 0.25, 10**6)[0]
+    heldout_ids = corpus_tokens([path], tokenizer, "heldout", 0.25, 10**6)[0]
+    eos = tokenizer.eos_token_id
+    assert train_ids.count(eos) == 40 - len(heldout)
+    assert heldout_ids.count(eos) == len(heldout)
+
+
+def test_lr_schedule_values():
+    assert lr_factor(0, 10, 0.2) == pytest.approx(0.5)
+    assert lr_factor(1, 10, 0.2) == pytest.approx(1.0)
+    assert lr_factor(2, 10, 0.2) == pytest.approx(1.0)
+    assert lr_factor(6, 10, 0.2) == pytest.approx(0.5)
+    assert lr_factor(9, 10, 0.2) == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(torch.pi * 7 / 8)).item()))
+
+
+# --- the training forward equals cached inference ------------------------------------------------
+
+
+@pytest.mark.parametrize("top_k", [1, None])
+def test_train_forward_matches_cached_inference(top_k):
+    model = make_model("llama", heads=6, kv_heads=2)
+    spec = GistSpec(chunk_size=4, sinks=2)
+    generator = torch.Generator().manual_seed(0)
+    examples = [
+        task_example(torch.randint(1, 100, (n,), generator=generator).tolist(), [5, 6], [7, 8, 9], GIST_ID, spec)
+        for n in (37, 22)
+    ]
+    batch = collate_examples(examples, pad_id=0)
+    config = GSAConfig(spec=spec, top_k=top_k)
+
+    with torch.no_grad():
+        loss, count = token_loss(model, batch, config)
+        layout = batch.batch
+        cache = GistCache(model.config, layout, config)
+        logits = model(input_ids=layout.input_ids, position_ids=layout.position_ids, cache=cache).logits
+    targets = batch.targets.flatten()
+    keep = targets != IGNORE
+    cached = torch.nn.functional.cross_entropy(logits.flatten(0, 1)[keep], targets[keep])
+    assert count == 6
+    assert abs(float(loss) - float(cached)) < 1e-5
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def test_checkpoint_rejects_corrupt_files(tmp_path):
+    weights = {"w": torch.arange(1000.0)}
+    path = save_checkpoint(tmp_path / "step-000001", weights, {"step": 1}, {"s": torch.ones(3)})
+    assert torch.equal(load_checkpoint(path).weights["w"], weights["w"])
+
+    data = (path / "weights.safetensors").read_bytes()
+    (path / "weights.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InvalidInputError, match="corrupt or truncated"):
+        load_checkpoint(path)
+
+    path = save_checkpoint(tmp_path / "step-000002", weights, {"step": 2})
+    flipped = bytearray((path / "weights.safetensors").read_bytes())
+    flipped[-1] ^= 0xFF
+    (path / "weights.safetensors").write_bytes(bytes(flipped))
+    with pytest.raises(InvalidInputError, match="corrupt or truncated"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_save_replaces_atomically(tmp_path):
+    first = save_checkpoint(tmp_path / "ckpt", {"w": torch.zeros(2)}, {"step": 1})
+    save_checkpoint(tmp_path / "ckpt", {"w": torch.ones(2)}, {"step": 2})
+    assert torch.equal(load_checkpoint(first).weights["w"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_checkpoint_compatibility_errors(tmp_path):
+    trainer = {"base": "a", "base_fingerprint": "abc", "ratios": ["16"]}
+    check_compatible(trainer, "abc", ["16"], tmp_path)
+    with pytest.raises(InvalidInputError, match="another base model"):
+        check_compatible(trainer, "xyz", ["16"], tmp_path)
+    with pytest.raises(InvalidInputError, match=r"trained for ratios \['16'\], not \['8'\]"):
+        check_compatible(trainer, "abc", ["8"], tmp_path)
+
+
+# --- runs ----------------------------------------------------------------------------------------
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    result = train(tiny_config(tmp_path / "a", tiny_model_dir))
+
+    split = tiny_config(tmp_path / "b", tiny_model_dir)
+    first = train(split, max_steps=2)
+    assert first.step == 2
+    resumed = train(split, resume=True)
+
+    assert resumed.step == result.step == 4
+    assert resumed.last_loss == result.last_loss
+    a = load_checkpoint(result.checkpoint).weights
+    b = load_checkpoint(resumed.checkpoint).weights
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    metrics = [json.loads(line) for line in (Path(split.run.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert (Path(split.run.out_dir) / "loss.png").stat().st_size > 0
+
+
+def test_trained_checkpoint_loads_for_inference(tmp_path, tiny_model_dir):
+    config = tiny_config(tmp_path, tiny_model_dir, steps=2, grad_accum=1)
+    trainer = Trainer(config)
+    trainer.run()
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    layout = trainer.source.micro_batch(0, 0, 0, 1)[0]
+    gsa = GSAConfig(spec=trainer.specs["8"])
+    with torch.no_grad():
+        expected = model(input_ids=layout.batch.input_ids, position_ids=layout.batch.position_ids,
+                         gist_batch=layout.batch, gsa_config=gsa).logits
+        loaded, _, record = load_trained_model(config.run.out_dir, ["8"])
+        actual = loaded(input_ids=layout.batch.input_ids, position_ids=layout.batch.position_ids,
+                        gist_batch=layout.batch, gsa_config=gsa).logits
+    assert record["step"] == 2
+    assert relative_error(actual, expected) < 1e-5
+    with pytest.raises(InvalidInputError, match="trained for ratios"):
+        load_trained_model(config.run.out_dir, ["16"])
+
+
+def test_two_processes_hold_same_weights(tmp_path, tiny_model_dir):
+    config = tmp_path / "ddp.toml"
+    corpus = corpus_file(tmp_path)
+    config.write_text(
+        f'[model]\nbase = "{tiny_model_dir}"\nratios = ["8"]\n'
+        f'[data]\ndir = "{tmp_path}"\ncorpus = ["{corpus.name}"]\nseq_len = 64\nheldout_fraction = 0.0\n'
+        f'[optim]\nsteps = 2\nlr = 1e-2\n[run]\nout_dir = "{tmp_path / "run"}"\n'
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    worker = Path(__file__).parent / "workers" / "train_worker.py"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+        str(worker), str(config), str(tmp_path),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["after"] == ranks[1]["after"]
+    assert ranks[0]["after"] != ranks[0]["before"]
+
+
+# --- bad input through the CLI -------------------------------------------------------------------
+
+
+def write_toml(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('[optim]\nstepz = 3\n', r"unknown field\(s\) \['stepz'\]"),
+        ('[optim]\nsteps = "many"\n', r"steps has the wrong type: got 'many', expected int"),
+        ('[optim]\nsteps = 0\n', r"optim.steps must be at least 1"),
+        ('[adapter]\nkind = "qlora"\n', r"adapter.kind 'qlora' is not valid"),
+        ('[model]\nratios = ["4y"]\n', r"ratio '4y' is not valid"),
+        ('[data]\ntasks = {squad = 1.0}\n', r"unknown data.tasks"),
+        ('not toml [', r"could not be parsed"),
+    ],
+)
+def test_cli_rejects_bad_config(tmp_path, capsys, body, message):
+    path = write_toml(tmp_path / "bad.toml", body)
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert re.search(message, err), err
+
+
+def test_cli_rejects_bad_data(tmp_path, capsys, tiny_model_dir):
+    base = f'[model]\nbase = "{tiny_model_dir}"\nratios = ["16"]\n[run]\nout_dir = "{tmp_path / "run"}"\n'
+    cases = [
+        (f'[data]\ndir = "{tmp_path}"\ncorpus = ["missing.txt"]\n', "corpus path .*missing.txt not found"),
+        (f'[data]\ndir = "{tmp_path}"\ncorpus = ["empty.txt"]\n', "has no train text"),
+        (f'[data]\ndir = "{tmp_path}"\ncorpus = ["corpus.jsonl.gz"]\nseq_len = 10\n', "sequence length 10 is shorter"),
+    ]
+    (tmp_path / "empty.txt").write_text("")
+    corpus_file(tmp_path)
+    for data, message in cases:
+        path = write_toml(tmp_path / "c.toml", base + data)
+        assert main(["train", "--config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err), err
+
+
+def test_cli_resume_without_checkpoint(tmp_path, capsys, tiny_model_dir):
+    corpus_file(tmp_path)
+    path = write_toml(tmp_path / "c.toml", (
+        f'[model]\nbase = "{tiny_model_dir}"\nratios = ["8"]\n'
+        f'[data]\ndir = "{tmp_path}"\ncorpus = ["corpus.jsonl.gz"]\nseq_len = 64\n'
+        f'[run]\nout_dir = "{tmp_path / "run"}"\n'
+    ))
+    assert main(["train", "--config", str(path), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_cli_trains_and_overrides(tmp_path, capsys, tiny_model_dir):
+    corpus_file(tmp_path)
+    path = write_toml(tmp_path / "c.yaml", (
+        f"model:\n  base: {tiny_model_dir}\n  ratios: ['8']\n"
+        f"data:\n  dir: {tmp_path}\n  corpus: [corpus.jsonl.gz]\n  seq_len: 64\n"
+        f"optim:\n  steps: 5\n"
+        f"run:\n  out_dir: {tmp_path / 'run'}\n"
+    ))
+    assert main(["train", "--config", str(path), "--set", "optim.steps=2"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 2
+    record = load_checkpoint(summary["checkpoint"]).trainer
+    assert record["config"]["optim"]["steps"] == 2
