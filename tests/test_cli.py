@@ -120,6 +120,9 @@ def test_question_missing(capsys, text_file):
 BAD_OPTIONS = {
     "ratio-zero": (["--ratio", "0"], ["--ratio", "got 0", "at least 1"]),
     "ratio-negative": (["--ratio", "-4"], ["--ratio", "got -4", "at least 1"]),
+    "ratio-zero-level": (["--ratio", "4x0"], ["--ratio", "got 4x0", "joined by x", "4x4"]),
+    "ratio-leading-x": (["--ratio", "x4"], ["--ratio", "got x4", "joined by x"]),
+    "ratio-word": (["--ratio", "abc"], ["--ratio", "got abc", "such as 16"]),
     "top-k-zero": (["--top-k", "0"], ["--top-k", "got 0", "at least 1"]),
     "top-p-above-one": (["--top-p", "1.5"], ["--top-p", "got 1.5", "(0, 1]"]),
     "top-p-zero": (["--top-p", "0"], ["--top-p", "got 0.0", "(0, 1]"]),
@@ -351,3 +354,29 @@ def test_json_from_stdin(capsys, monkeypatch, tiny_model_dir):
                        "--max-new-tokens", "2", "--json", "--method", "full")
     assert code == 0
     assert json.loads(out)["context_tokens"] == len(AutoTokenizer.from_pretrained(tiny_model_dir)(TEXT)["input_ids"])
+
+
+@pytest.mark.parametrize(("ratio", "sizes", "product"), [("16", (16,), 16), ("4x4", (4, 4), 16), ("8x4x4", (8, 4, 4), 128)])
+def test_ratio_levels_reach_config(ratio, sizes, product):
+    args = cli.build_parser().parse_args(["generate", "--ratio", ratio])
+    config = cli._build_config(args)
+    assert config.spec.chunk_sizes == sizes
+    assert config.ratio == product
+
+
+def test_eval_ratio_list_levels():
+    assert cli._ratio_labels("16, 4x4,8X4x4") == ["16", "4x4", "8x4x4"]
+
+
+def test_eval_ratio_invalid(capsys, tmp_path):
+    code = cli.main(["eval", "--task", "passkey", "--ratio", "16,4x0", "--out", str(tmp_path)])
+    _, err = capsys.readouterr()
+    assert_usage_error(code, err, "--ratio", "got 4x0")
+
+
+def test_eval_settings_record_ratio_sizes(tmp_path):
+    from gsa.eval.runner import EvalSettings
+
+    settings = EvalSettings(task="passkey", method="gsa", ratio="4x4", out=tmp_path)
+    assert settings.gsa_config().spec.chunk_sizes == (4, 4)
+    assert settings.run_dir.name == "passkey__gsa__r4x4"

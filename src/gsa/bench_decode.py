@@ -5,11 +5,12 @@ Two scopes:
 - ``layer``: one attention layer over synthetic KV. ``full`` is PyTorch SDPA over the whole cache
   as one (B, Hk, S, D) tensor. Every other method runs ``gsa.sparse.selective_attention`` for one
   query (T = 1, the gathered path) on a ``Tiers`` object cut from the same keys at chunk size
-  C = ratio, as layer 1 with the default budget rule.
+  C = ratio, as layer 1 with the default budget rule (or ``--top-k``). A ratio such as ``4x4``
+  or ``4x4x4`` adds random gist tiers above level 1, so ``gsa`` selects top-down.
 - ``model``: a whole decode step of a real model (default: the embedded SmolLM2-135M) after a
   prefill of the bundled sample document, repeated or cut to the context length.
 
-Each point records the median step time, the keys attended (mean over KV heads, rows and, in the
+Each point records the median step time, the gists scored per step (gist routers only), the keys attended (mean over KV heads, rows and, in the
 model scope, global layers) and the bytes of KV those keys hold. A copy benchmark run in the same
 process gives the memory bandwidth that bounds a step from below.
 
@@ -35,10 +36,10 @@ from gsa.cache import GistCache
 from gsa.chunk_store import RAW_TIERS
 from gsa.config import PREFILLS, GSAConfig
 from gsa.errors import InvalidInputError
-from gsa.layout import GistSpec, collate, insert_gists
+from gsa.layout import GistSpec, collate, insert_gists, parse_ratio
 from gsa.methods import get_method
 from gsa.sparse import selective_attention
-from gsa.tiers import Tiers
+from gsa.tiers import GistTier, Tiers
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class DecodeSettings:
 
     contexts: list[int] = field(default_factory=lambda: [1024, 4096, 16384, 65536, 131072])
     methods: list[str] = field(default_factory=lambda: [FULL, "gsa", "quest"])
-    ratios: list[int] = field(default_factory=lambda: [8, 16, 32])
+    ratios: list[int | str] = field(default_factory=lambda: [8, 16, 32])  # chunk sizes, or levels such as "4x4"
     scopes: list[str] = field(default_factory=lambda: list(SCOPES))
     model_contexts: list[int] = field(default_factory=lambda: [2048, 4096, 8000])
     kv_heads: int = 8
@@ -70,6 +71,7 @@ class DecodeSettings:
     warmup: int = 3
     copy_mb: int = 256
     seed: int = 0
+    top_k: int | None = None  # chunks (and gists per level) kept per query head; None: the budget rule
 
     def validate(self) -> None:
         """Raise ``InvalidInputError`` for a value the benchmark cannot run with."""
@@ -86,8 +88,10 @@ class DecodeSettings:
             raise InvalidInputError(f"unknown raw tier {self.raw_tier!r}; choose one of: {', '.join(RAW_TIERS)}")
         if self.prefill not in PREFILLS:
             raise InvalidInputError(f"unknown prefill {self.prefill!r}; choose one of: {', '.join(PREFILLS)}")
-        if any(ratio < 1 for ratio in self.ratios):
-            raise InvalidInputError(f"--ratios must be at least 1, got {self.ratios}; a ratio is the chunk size in tokens")
+        for ratio in self.ratios:
+            parse_ratio(str(ratio), "--ratios")
+        if self.top_k is not None and self.top_k < 1:
+            raise InvalidInputError(f"--top-k must be at least 1, got {self.top_k}; omit it to use the budget rule")
         for method in self.methods:
             get_method(method)  # raises for an unknown name
         if "layer" in self.scopes:
@@ -98,7 +102,7 @@ class DecodeSettings:
     def _check_contexts(self, contexts: list[int], option: str) -> None:
         if not self.sparse_methods:
             return
-        shortest, longest = min(contexts), max(self.ratios)
+        shortest, longest = min(contexts), max(parse_ratio(str(ratio))[0] for ratio in self.ratios)
         needed = self.sinks + longest + 1
         if shortest < needed:
             raise InvalidInputError(
@@ -110,13 +114,14 @@ class DecodeSettings:
     def sparse_methods(self) -> list[str]:
         return [method for method in self.methods if method != FULL]
 
-    def config(self, method: str, ratio: int | None) -> GSAConfig:
-        spec = GistSpec(chunk_size=ratio or 16, sinks=self.sinks, window_chunks=self.window)
-        return GSAConfig(spec=spec, method=method, prefill=self.prefill, raw_tier=self.raw_tier)
+    def config(self, method: str, ratio: int | str | None) -> GSAConfig:
+        sizes = parse_ratio(str(ratio or 16), "--ratios")
+        spec = GistSpec.from_sizes(sizes, sinks=self.sinks, window_chunks=self.window)
+        return GSAConfig(spec=spec, method=method, prefill=self.prefill, raw_tier=self.raw_tier, top_k=self.top_k)
 
-    def runs(self) -> list[tuple[str, int | None]]:
+    def runs(self) -> list[tuple[str, int | str | None]]:
         """(method, ratio) pairs to time at each context; ``full`` has no ratio and runs once."""
-        pairs: list[tuple[str, int | None]] = [(FULL, None)] if FULL in self.methods else []
+        pairs: list[tuple[str, int | str | None]] = [(FULL, None)] if FULL in self.methods else []
         return pairs + [(method, ratio) for method in self.sparse_methods for ratio in self.ratios]
 
 
@@ -206,8 +211,23 @@ def synthetic_tiers(keys: torch.Tensor, values: torch.Tensor, spec: GistSpec,
     tiers = Tiers(
         sink_k, sink_v, ones(sinks), chunk_k, chunk_v, ones(num_chunks, chunk), gist_k, gist_v, ones(num_chunks),
         recent_k, recent_v, ones(recent), torch.full((batch,), num_chunks, dtype=torch.long),
+        upper=_upper_tiers(num_chunks, spec.fanouts, (batch, kv_heads, dim), keys.dtype, generator),
+        fanouts=spec.fanouts,
     )
     return tiers, torch.full((batch, 1), recent - 1, dtype=torch.long)
+
+
+def _upper_tiers(num_chunks: int, fanouts: tuple[int, ...], shape: tuple[int, int, int], dtype: torch.dtype,
+                 generator: torch.Generator) -> list[GistTier]:
+    """Random gists of the levels above 1: N_l = N_(l-1) // C_l of them, (B, Hk, N_l, D) each."""
+    batch, kv_heads, dim = shape
+    tiers, count = [], num_chunks
+    for fanout in fanouts:
+        count //= fanout
+        keys = torch.randn(batch, kv_heads, count, dim, generator=generator, dtype=dtype)
+        values = torch.randn(batch, kv_heads, count, dim, generator=generator, dtype=dtype)
+        tiers.append(GistTier(keys, values, torch.ones(batch, count, dtype=torch.bool)))
+    return tiers
 
 
 def layer_points(settings: DecodeSettings) -> list[dict]:
@@ -256,8 +276,9 @@ def _time_sparse_layer(query, keys, values, method: str, ratio: int, settings: D
     _, counts = step()
     attended = counts.attended.double()  # (B, Hk, 1)
     dim = keys.shape[-1]
-    return {"step_ms": seconds * 1e3, "keys_attended": float(attended.mean()),
-            "kv_bytes_read": float(attended.sum()) * 2 * dim * keys.element_size()}
+    scored = float(counts.scored.double().mean()) if counts.scored is not None else None
+    return {"step_ms": seconds * 1e3, "keys_attended": float(attended.mean()), "gists_scored": scored,
+            "levels": config.spec.num_levels, "kv_bytes_read": float(attended.sum()) * 2 * dim * keys.element_size()}
 
 
 def _check_memory(settings: DecodeSettings) -> None:
@@ -377,7 +398,8 @@ def _time_model_step(generator, context_ids: list[int], config: GSAConfig, setti
 
 TABLE_COLUMNS = [
     ("scope", "scope", ""), ("context", "context", "d"), ("method", "method", ""), ("ratio", "ratio", ""),
-    ("step_ms", "step ms", ".3f"), ("speedup_vs_full", "full/step", ".2f"), ("keys_attended", "keys", ".0f"),
+    ("step_ms", "step ms", ".3f"), ("speedup_vs_full", "full/step", ".2f"), ("gists_scored", "scored", ".0f"),
+    ("keys_attended", "keys", ".0f"),
     ("kv_mb", "KV MB", ".2f"), ("achieved_gbps", "GB/s", ".1f"), ("bound_ms", "bound ms", ".3f"),
 ]
 

@@ -17,7 +17,7 @@ from gsa.chunk_store import RAW_TIERS
 from gsa.cli_train import add_train_parser
 from gsa.config import IMPLS, MERGES, PREFILLS, GSAConfig
 from gsa.errors import InvalidInputError
-from gsa.layout import GistSpec
+from gsa.layout import GistSpec, format_ratio, parse_ratio
 from gsa.methods import METHODS
 
 EXIT_USAGE = 2
@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--context", help="text file to read, or - for standard input (default: the bundled sample document)")
     gen.add_argument("--question", help="question to answer (default with the sample document: its first sample question)")
     gen.add_argument("--model", help="local model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    gen.add_argument("--ratio", type=int, default=16, help="compression ratio, the chunk size C in tokens (default 16)")
+    gen.add_argument("--ratio", default="16", help="compression ratio: the chunk size C in tokens, or one chunk size per "
+                     "gist level joined by x, such as 4x4 (16x) or 8x4x4 (128x) (default 16)")
     gen.add_argument("--method", default="gsa", choices=list(METHODS), help="gsa, gist-only, full, or a training-free "
                      "baseline: streaming, quest, mean-key, random, recent, oracle (default gsa)")
     gen.add_argument("--top-k", type=int, help="chunks recalled per query head (default: the budget rule)")
@@ -77,7 +78,8 @@ def _add_eval_parsers(commands) -> None:
     evaluate.add_argument("--task", required=True, help="longbench:<task>, leval:<task>, rag-nq, kv-retrieval, passkey, "
                           "niah or perplexity; a comma-separated list runs each")
     evaluate.add_argument("--method", default="gsa", help="registered method names, comma-separated (default gsa)")
-    evaluate.add_argument("--ratio", default="16", help="compression ratios (chunk sizes in tokens), comma-separated (default 16)")
+    evaluate.add_argument("--ratio", default="16", help="compression ratios, comma-separated; each is a chunk size in tokens "
+                          "or one size per gist level joined by x, such as 16,4x4 (default 16)")
     evaluate.add_argument("--limit", type=int, help="evaluate at most N samples")
     evaluate.add_argument("--out", default="runs/eval", help="folder for run folders (default runs/eval)")
     evaluate.add_argument("--model", help="local model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
@@ -120,8 +122,11 @@ def _add_bench_parsers(commands) -> None:
                         "(default 1024,4096,16384,65536,131072)")
     decode.add_argument("--methods", default="full,gsa,quest", help="registered method names, comma-separated; full is "
                         "PyTorch SDPA over the whole cache (default full,gsa,quest)")
-    decode.add_argument("--ratios", default="8,16,32", help="compression ratios (chunk sizes in tokens), comma-separated "
+    decode.add_argument("--ratios", default="8,16,32", help="compression ratios, comma-separated; each is a chunk size in "
+                        "tokens, or one chunk size per gist level joined by x (4x4, 4x4x4) so gsa selects top-down "
                         "(default 8,16,32)")
+    decode.add_argument("--top-k", type=int, help="layer scope: chunks, and gists per level, kept per query head "
+                        "(default: the budget rule)")
     decode.add_argument("--scope", default="layer,model", help="layer: one attention layer on synthetic KV; model: a "
                         "whole decode step of the model after a prefill; comma-separated (default layer,model)")
     decode.add_argument("--model-contexts", default="2048,4096,8000", help="model-scope context lengths in tokens, "
@@ -230,8 +235,7 @@ def _default_question(context_name: str) -> str:
 def _build_config(args):
     if args.max_new_tokens < 1:
         raise InvalidInputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.ratio < 1:
-        raise InvalidInputError(f"--ratio must be at least 1, got {args.ratio}; it is the chunk size in tokens")
+    sizes = parse_ratio(args.ratio)
     if args.sinks < 0 or args.window < 0:
         raise InvalidInputError(f"--sinks and --window must be 0 or more, got {args.sinks} and {args.window}")
     if args.top_k is not None and args.top_k < 1:
@@ -246,7 +250,7 @@ def _build_config(args):
         )
     if args.lru_chunks < 0:
         raise InvalidInputError(f"--lru-chunks must be 0 or more, got {args.lru_chunks}; use 0 to disable the LRU")
-    spec = GistSpec(chunk_size=args.ratio, sinks=args.sinks, window_chunks=args.window, word_boundary=args.word_boundary)
+    spec = GistSpec.from_sizes(sizes, sinks=args.sinks, window_chunks=args.window, word_boundary=args.word_boundary)
     return GSAConfig(spec=spec, method=args.method, top_k=args.top_k, top_p=args.top_p, merge=args.merge,
                      prefill=args.prefill, impl=args.impl, raw_tier=args.raw_tier, lru_chunks=args.lru_chunks)
 
@@ -334,7 +338,7 @@ def run_eval_command(args) -> int:
             diagnostics=args.diagnostics, seed=args.seed, task_options=task_options,
             max_new_tokens=args.max_new_tokens,
         )
-        for task in _names(args.task) for method in _names(args.method) for ratio in _number_list(args.ratio, "--ratio")
+        for task in _names(args.task) for method in _names(args.method) for ratio in _ratio_labels(args.ratio)
     ]
     from gsa.eval.tasks import TASKS
 
@@ -348,6 +352,11 @@ def run_eval_command(args) -> int:
             summary = run_eval(settings, generator, progress=lambda record: bar.update(1))
         print(json.dumps(summary), flush=True)
     return 0
+
+
+def _ratio_labels(text: str) -> list[str]:
+    """Validate a comma-separated list of ratios such as ``16,4x4`` and return them in canonical form."""
+    return [format_ratio(parse_ratio(part)) for part in text.split(",") if part.strip()]
 
 
 def _names(text: str) -> list[str]:
@@ -383,11 +392,11 @@ def run_bench_decode(args) -> int:
 
     settings = DecodeSettings(
         contexts=parse_sizes(args.contexts, "--contexts"), methods=parse_names(args.methods, "--methods"),
-        ratios=parse_sizes(args.ratios, "--ratios"), scopes=parse_names(args.scope, "--scope"),
+        ratios=_ratio_labels(args.ratios), scopes=parse_names(args.scope, "--scope"),
         model_contexts=parse_sizes(args.model_contexts, "--model-contexts"), kv_heads=args.kv_heads,
         head_dim=args.head_dim, group=args.group, batch=args.batch, dtype=DTYPES[args.dtype], prefill=args.prefill,
         raw_tier=args.raw_tier, sinks=args.sinks, window=args.window, repeats=args.repeats, warmup=args.warmup, copy_mb=args.copy_mb,
-        seed=args.seed,
+        seed=args.seed, top_k=args.top_k,
     )
     settings.validate()
     _set_threads(args.threads)

@@ -20,7 +20,8 @@ class GSAConfig:
     """Settings of gist sparse attention, shared by the cache and the attention function.
 
     Attributes:
-        spec: gist layout (chunk size, sinks, local window).
+        spec: gist layout (chunk sizes of every level, sinks, local window). Two levels of 4:
+            ``GistSpec.from_sizes((4, 4))`` or ``GistSpec(chunk_size=4, fanouts=(4,))``.
         method: name of a registered method (``gsa.methods.METHODS``). ``gsa`` recalls the top-k
             chunks per query head by gist score; ``gist-only`` attends every gist and no old raw
             chunk (compression without recall); ``full`` inserts no gists and attends everything;
@@ -28,7 +29,9 @@ class GSAConfig:
             training-free baselines that route on raw keys and never attend gists.
         top_k: chunks recalled per query head. ``None`` uses the budget rule
             k = floor(n / (r * G * C)) + 1, capped at max(1, floor(gists / 4)), where n is the
-            number of keys, r the compression ratio and G the query heads per KV head.
+            number of keys, r the compression ratio and G the query heads per KV head. With several
+            levels, C is the level-1 chunk size, r the product of all chunk sizes, the cap uses the
+            gists of the level being chosen, and ``top_k`` applies at every level.
         top_p: if set, recall the smallest set of chunks whose softmax gist-score mass reaches
             this share instead of a count.
         merge: how query heads sharing a KV head combine their choices: ``union`` of the
@@ -97,8 +100,8 @@ class GSAConfig:
 
     @property
     def ratio(self) -> int:
-        """Compression ratio r of the layout."""
-        return self.spec.chunk_size
+        """Compression ratio r of the layout: the product of the chunk sizes of all levels."""
+        return self.spec.ratio
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

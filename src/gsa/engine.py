@@ -72,9 +72,15 @@ class GistGenerator:
 
     def _gist_sequence(self, context_ids: list[int], suffix_ids: list[int], config: GSAConfig, max_new_tokens: int):
         self._check_lengths(context_ids, suffix_ids, config, max_new_tokens)
-        gist_id = self.gist_ids[0] if config.inserts_gists else None
+        gist_id = self._level_gist_ids(config.spec.num_levels) if config.inserts_gists else None
         starts = self._word_starts(context_ids) if config.spec.word_boundary else None
         return insert_gists(context_ids, suffix_ids, gist_id, config.spec, starts)
+
+    def _level_gist_ids(self, levels: int) -> list[int]:
+        """Gist token ids of levels 1..``levels``, adding the tokens of missing levels to the model."""
+        if len(self.gist_ids) < levels:
+            self.gist_ids = enable_gsa(self.model, self.tokenizer, levels)
+        return self.gist_ids[:levels]
 
     def _pad_id(self) -> int:
         pad_id = self.tokenizer.pad_token_id

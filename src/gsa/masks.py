@@ -7,7 +7,8 @@ metadata of a ``GistBatch`` (``kind``, ``chunk``) and combine with ``and_masks``
 
 The examples below use the sequence ``s a b G c d H e q``: one sink ``s``, chunk 0 ``a b``
 closed by gist ``G``, chunk 1 ``c d`` closed by gist ``H``, the tail ``e`` and the suffix ``q``
-(C=2, S=1, P=1). Rows are queries, columns keys, ``x`` marks an allowed pair.
+(C=2, S=1, P=1). Rows are queries, columns keys, ``x`` marks an allowed pair. The multi-level
+rules at the end of the file use a two-level example, described there.
 """
 
 from __future__ import annotations
@@ -204,3 +205,127 @@ def block_mask(mask: MaskFunction, batch_size: int, q_len: int, kv_len: int, blo
     return create_block_mask(
         mask, B=batch_size, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device, BLOCK_SIZE=block_size
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-level rules. The examples use chunk sizes (2, 2), S=1, P=1 and the sequence
+# ``s a b G c d H K e f I g q``: level-1 gists ``G``, ``H`` and ``I`` close chunks ``a b``, ``c d``
+# and ``e f``; the level-2 gist ``K`` closes the section of ``G`` and ``H``; ``I`` has no parent
+# yet; ``g`` is the tail and ``q`` the suffix.
+
+
+def token_sections(batch: GistBatch) -> torch.Tensor:
+    """Section of every token at every level, (B, L, levels); one level is the chunk index."""
+    if batch.hierarchy is not None:
+        return batch.hierarchy.section
+    return batch.chunk[..., None]
+
+
+def level_gists(batch: GistBatch) -> MaskFunction:
+    """Gist keys that the multi-level rule shows to the query, by level.
+
+    A top-level gist is visible to every later token. A level-m gist below the top is visible to
+    the tokens of its own level-(m+1) section, so to no token after the level-(m+1) gist that
+    closes the section; that gist itself also reads the level-m gists of the previous section.
+    A gist of level l has no section below level l, so it never reads gists below level l - 1::
+
+            s a b G c d H K e f I g q
+        s   . . . . . . . . . . . . .
+        a   . . . x . . x . . . . . .
+        K   . . . x . . x x . . . . .
+        e   . . . . . . . x . . . . .
+        I   . . . . . . . x . . x . .
+        q   . . . . . . . x . . x . .
+
+    (causality is left to ``causal``; with one level every gist is a top-level gist.)
+    """
+    kind, level = batch.kind, batch.level
+    section = token_sections(batch)
+    levels = section.shape[-1]
+
+    def mask(b, h, q_idx, kv_idx):
+        is_gist = kind[b, kv_idx] == TokenKind.GIST
+        key_level = level[b, kv_idx]
+        visible = is_gist & (key_level == levels)
+        for m in range(1, levels):
+            query_parent, key_parent = section[b, q_idx, m], section[b, kv_idx, m]
+            same = query_parent == key_parent
+            previous = (level[b, q_idx] == m + 1) & (query_parent - 1 == key_parent)
+            visible = visible | (is_gist & (key_level == m) & (key_parent >= 0) & (same | previous))
+        return visible
+
+    return mask
+
+
+def hierarchical_mask(batch: GistBatch) -> MaskFunction:
+    """Build the training mask of any number of levels: causal, unpadded, and one of own chunk, the
+    P previous chunks, a sink, or a gist that ``level_gists`` shows. With P=1::
+
+            s a b G c d H K e f I g q
+        s   x . . . . . . . . . . . .
+        a   x x . . . . . . . . . . .
+        b   x x x . . . . . . . . . .
+        G   x x x x . . . . . . . . .
+        c   x x x x x . . . . . . . .
+        d   x x x x x x . . . . . . .
+        H   x x x x x x x . . . . . .
+        K   x . . x . . x x . . . . .
+        e   x . . . x x x x x . . . .
+        f   x . . . x x x x x x . . .
+        I   x . . . x x x x x x x . .
+        g   x . . . . . . x x x x x .
+        q   x . . . . . . x x x x x x
+
+    Raw tokens keep the local window and the sinks. A gist above level 1 (``K``) reads the gists
+    below it and the sinks but no raw token: the sinks stay visible because models use them as
+    attention sinks. The window still shows the level-1 gist of a window chunk (``H`` for ``e``)
+    even after its section closed. With one level this equals ``gist_mask``.
+    """
+    kind, chunk = batch.kind, batch.chunk
+    visible = or_masks(
+        own_chunk(chunk), previous_chunks(chunk, batch.spec.window_chunks), level_gists(batch), sinks(kind),
+        suffix(kind),
+    )
+    return and_masks(causal(), padding(kind), visible)
+
+
+def hierarchical_dense_prefill_mask(batch: GistBatch) -> MaskFunction:
+    """The ``prefill="dense"`` mask of any number of levels: raw tokens attend every earlier raw
+    token and no gist; a level-l gist reads the raw tokens of its level-l section, itself and the
+    sinks, so its key can route::
+
+            s a b G c d H K e f I g q
+        s   x . . . . . . . . . . . .
+        G   x x x x . . . . . . . . .
+        H   x . . . x x x . . . . . .
+        K   x x x . x x . x . . . . .
+        I   x . . . . . . . x x x . .
+        q   x x x . x x . . x x . x x
+
+    With one level this equals ``dense_prefill_mask``.
+    """
+    kind, level = batch.kind, batch.level
+    section = token_sections(batch)
+    is_gist = gists(kind)
+    is_sink = sinks(kind)
+
+    def raw_to_raw(b, h, q_idx, kv_idx):
+        return ~is_gist(b, h, q_idx, q_idx) & ~is_gist(b, h, q_idx, kv_idx)
+
+    def gist_to_section(b, h, q_idx, kv_idx):
+        own = (level[b, q_idx] - 1).clamp(min=0)  # the query gist's level, 0-based
+        query_section = section[b, q_idx, own]
+        same = (section[b, kv_idx, own] == query_section) & ~is_gist(b, h, q_idx, kv_idx) & (query_section >= 0)
+        return is_gist(b, h, q_idx, q_idx) & (same | is_sink(b, h, q_idx, kv_idx) | (q_idx == kv_idx))
+
+    return and_masks(causal(), padding(kind), or_masks(raw_to_raw, gist_to_section))
+
+
+def prefill_rule(batch: GistBatch, name: str) -> MaskFunction:
+    """Return the context-prefill rule ``name`` (``causal``, ``gist`` or ``dense``) for the batch's levels."""
+    if name == "causal":
+        return causal_mask(batch)
+    multi_level = batch.hierarchy is not None
+    if name == "gist":
+        return hierarchical_mask(batch) if multi_level else gist_mask(batch)
+    return hierarchical_dense_prefill_mask(batch) if multi_level else dense_prefill_mask(batch)

@@ -13,9 +13,11 @@ import torch
 from gsa.config import GSAConfig
 from gsa.diagnostics import RouterProbe
 from gsa.ops.attend import Visibility, attend_gathered, attend_masked, attended_counts, recent_visibility
-from gsa.ops.naive import naive_select, naive_tier_attention
+from gsa.hierarchy import frontier
+from gsa.ops.naive import naive_select, naive_tier_attention, naive_top_down
 from gsa.methods import SelectionInputs, get_method
 from gsa.ops.select import budget, select_chunks
+from gsa.ops.topdown import LevelChoice, LevelGists, select_top_down
 from gsa.tiers import Tiers
 
 
@@ -26,6 +28,7 @@ class KeyCounts:
     attended: torch.Tensor
     raw: torch.Tensor
     full: torch.Tensor
+    scored: torch.Tensor | None = None  # (B, Hk, T) gists scored by a gist router, None otherwise
 
 
 def selects_in_layer(config: GSAConfig, layer_idx: int) -> bool:
@@ -56,6 +59,8 @@ def visibility(
     chunk_idx = torch.arange(num_chunks, device=query.device)
     in_window = chunk_idx[None, :] >= (tiers.num_chunks - config.spec.window_chunks)[:, None]
     window = (tiers.gist_valid & in_window)[:, None, None].expand(batch, kv_heads, length, num_chunks)
+    if tiers.upper and config.attends_gists:
+        return _hierarchical_visibility(query, tiers, config, layer_idx, scaling, window, recent_on, probe, query_slot)
     if not selects_in_layer(config, layer_idx):
         if not config.attends_gists:
             return Visibility(window, torch.zeros_like(window), recent_on, gist_mode="none")
@@ -77,18 +82,110 @@ def visibility(
         probe.observe(layer_idx, inputs, chosen, candidate, k, config.merge)
 
     chunk_on = chosen | window
+    scored = candidate.sum(-1)[:, None].expand(batch, kv_heads, length) if method.gist_router else None
     if not config.attends_gists:
-        return Visibility(chunk_on, torch.zeros_like(chunk_on), recent_on, gist_mode="none")
-    return Visibility(chunk_on=chunk_on, gist_on=chunk_on, recent_on=recent_on)
+        return Visibility(chunk_on, torch.zeros_like(chunk_on), recent_on, gist_mode="none", scored=scored)
+    return Visibility(chunk_on=chunk_on, gist_on=chunk_on, recent_on=recent_on, scored=scored)
 
 
-def _chunks_to_recall(tiers: Tiers, recent_on: torch.Tensor, config: GSAConfig, group: int) -> torch.Tensor:
+def _hierarchical_visibility(query, tiers: Tiers, config: GSAConfig, layer_idx: int, scaling: float,
+                             window: torch.Tensor, recent_on: torch.Tensor, probe, query_slot) -> Visibility:
+    """Visibility under gists of several levels, for methods that attend gists.
+
+    A layer that does not select attends what the multi-level mask shows a suffix token: every
+    gist without a parent (the top level and the unfinished sections) and the window chunks with
+    their gists. A selecting layer walks the levels top-down (``gsa.ops.topdown``) and attends the
+    recalled chunks with their gists, the window, and the gists it kept at each level above 1.
+    """
+    batch, heads, length, _ = query.shape
+    kv_heads = tiers.num_kv_heads
+    if not selects_in_layer(config, layer_idx):
+        edges = _frontiers(tiers)
+
+        def expand(mask):
+            return mask[:, None, None].expand(batch, kv_heads, length, -1)
+
+        return Visibility(window, expand(edges[0]) | window, recent_on, gist_mode="all",
+                          upper_on=[expand(edge) for edge in edges[1:]])
+
+    group = heads // kv_heads
+    k = [_chunks_to_recall(tiers, recent_on, config, group, gists=count) for count in _level_counts(tiers)]
+    window_start = tiers.num_chunks - config.spec.window_chunks
+    if config.impl == "naive":
+        kept, _ = naive_top_down(query.cpu(), [tiers.gist_k.cpu()] + [t.keys.cpu() for t in tiers.upper],
+                                 [c.cpu() for c in _level_counts(tiers)], tiers.fanouts, [x.cpu() for x in k],
+                                 window_start.cpu(), scaling, config.merge, config.top_p)
+        kept = [mask.to(query.device) for mask in kept]
+        chunk_on = kept[0] | window
+        if probe is not None:
+            _observe(probe, query, tiers, recent_on, scaling, query_slot, config, layer_idx, kept[0], window, k[0])
+        return Visibility(chunk_on, chunk_on, recent_on, upper_on=kept[1:])
+
+    gists = [LevelGists(tiers.gist_k, tiers.num_chunks)] + [LevelGists(t.keys, t.count) for t in tiers.upper]
+    result = select_top_down(query, gists, tiers.fanouts, k, window_start, scaling, config.merge, config.top_p)
+    chosen = result.levels[0]
+    window_index = window_start[:, None] + torch.arange(config.spec.window_chunks, device=query.device)
+    window_picked = (window_index >= 0) & (window_index < tiers.num_chunks[:, None])  # (B, P)
+    chunks = LevelChoice(
+        torch.cat([chosen.index, window_index.clamp(min=0)[:, None, None].expand(-1, kv_heads, length, -1)], -1),
+        torch.cat([chosen.picked, window_picked[:, None, None].expand(-1, kv_heads, length, -1)], -1),
+    )
+    num_chunks = tiers.gist_valid.shape[1]
+    chunk_on = chunks.dense(num_chunks)
+    if probe is not None:
+        _observe(probe, query, tiers, recent_on, scaling, query_slot, config, layer_idx,
+                 chosen.dense(num_chunks), window, k[0])
+    upper = result.levels[1:]
+    return Visibility(
+        chunk_on, chunk_on, recent_on,
+        upper_on=[c.dense(t.valid.shape[1]) for c, t in zip(upper, tiers.upper)],
+        chunk_index=(chunks.index, chunks.picked), upper_index=[(c.index, c.picked) for c in upper],
+        scored=result.scored,
+    )
+
+
+def _level_counts(tiers: Tiers) -> list[torch.Tensor]:
+    return [tiers.num_chunks] + [tier.count for tier in tiers.upper]
+
+
+def _frontiers(tiers: Tiers) -> list[torch.Tensor]:
+    """Gists without a parent at each level, (B, N_l) each, level 1 first."""
+    counts = _level_counts(tiers)
+    widths = [tiers.gist_valid.shape[1]] + [tier.valid.shape[1] for tier in tiers.upper]
+    edges = []
+    for level in range(len(counts)):
+        above = counts[level + 1] if level + 1 < len(counts) else None
+        fanout = tiers.fanouts[level] if above is not None else 1
+        edges.append(frontier(counts[level], above, fanout, widths[level]))
+    return edges
+
+
+def _observe(probe, query, tiers, recent_on, scaling, query_slot, config, layer_idx, chosen, window, k) -> None:
+    """Report the level-1 choice to ``probe``, against candidates of every chunk outside the window."""
+    candidate = (tiers.gist_valid[:, None, :] & ~window[:, 0]).expand(-1, query.shape[2], -1)  # (B, T, N)
+    inputs = SelectionInputs(query, tiers, recent_on, scaling, query_slot, seed=config.seed, layer_idx=layer_idx)
+    probe.observe(layer_idx, inputs, chosen, candidate, k, config.merge)
+
+
+def _chunks_to_recall(tiers: Tiers, recent_on: torch.Tensor, config: GSAConfig, group: int,
+                      gists: torch.Tensor | None = None) -> torch.Tensor:
+    """Gists to keep per query head, (B, T): ``top_k``, or the budget rule capped by ``gists`` (B,),
+    the gist count of the level being chosen (level 1 by default).
+
+    Every level uses the level-1 rule k = floor(n / (r * G * C1)) + 1 with r the product of all
+    chunk sizes, capped at a quarter of that level's gists, so each level keeps about as many
+    gists as the chunks finally recalled.
+    """
     batch, length = recent_on.shape[:2]
     if config.top_k is not None:
         return torch.full((batch, length), config.top_k, dtype=torch.long, device=recent_on.device)
-    stored = tiers.sink_valid.sum(-1) + tiers.chunk_valid.sum((-1, -2)) + tiers.gist_valid.sum(-1)  # (B,)
-    num_keys = stored[:, None] + recent_on.sum(-1)  # (B, T)
-    return budget(num_keys, tiers.gist_valid.sum(-1), config.ratio, group, config.spec.chunk_size)
+    if "stored_keys" not in tiers.summaries:
+        upper = sum(tier.count for tier in tiers.upper) if tiers.upper else 0
+        tiers.summaries["stored_keys"] = (tiers.sink_valid.sum(-1) + tiers.chunk_valid.sum((-1, -2))
+                                          + tiers.gist_valid.sum(-1) + upper)  # (B,)
+    num_keys = tiers.summaries["stored_keys"][:, None] + recent_on.sum(-1)  # (B, T)
+    gists = tiers.gist_valid.sum(-1) if gists is None else gists
+    return budget(num_keys, gists, config.ratio, group, config.spec.chunk_size)
 
 
 def selective_attention(
@@ -109,4 +206,4 @@ def selective_attention(
         out = attend_gathered(query, tiers, vis, scaling)
     else:
         out = attend_masked(query, tiers, vis, scaling)
-    return out, KeyCounts(*attended_counts(tiers, vis))
+    return out, KeyCounts(*attended_counts(tiers, vis), scored=vis.scored)

@@ -5,6 +5,9 @@ stored as a (B, Hk, N, Cm, D) block so that recalling chunk n is one index on th
 the gists of those chunks as (B, Hk, N, D). Sinks and recent tokens (the context tail, the suffix
 and every generated token) are always attended.
 
+A multi-level layout adds one gist tier per level above 1 (``Tiers.upper``), each (B, Hk, N_l, D);
+level-l gist j covers the level-(l-1) gists j * C_l to j * C_l + C_l - 1 (``gsa.hierarchy``).
+
 The raw chunks may be moved off the device into a ``ChunkStore`` (host memory or disk). Code that
 reads them goes through ``Tiers.gather_chunks`` and ``Tiers.raw_chunks``; every other tier stays on
 the device.
@@ -18,6 +21,19 @@ import torch
 
 from gsa.chunk_store import ChunkStore
 from gsa.layout import GistBatch
+
+
+@dataclass
+class GistTier:
+    """The gists of one level above 1: keys, values and which slots contain a gist."""
+
+    keys: torch.Tensor  # (B, Hk, N_l, D)
+    values: torch.Tensor
+    valid: torch.Tensor  # (B, N_l); the valid slots of a row are 0 .. count - 1
+
+    @property
+    def count(self) -> torch.Tensor:
+        return self.valid.sum(-1)
 
 
 @dataclass
@@ -40,10 +56,49 @@ class Tiers:
     # Per-chunk key summaries (Quest bounds, mean keys), computed once: the chunk tier never changes.
     summaries: dict = field(default_factory=dict)
     store: ChunkStore | None = None  # the raw chunks when they live in host memory or on disk
+    upper: list[GistTier] = field(default_factory=list)  # levels 2..L; empty for one level
+    fanouts: tuple[int, ...] = ()  # (C2, ..., CL)
 
     @property
     def num_kv_heads(self) -> int:
         return self.sink_k.shape[1]
+
+    @property
+    def num_levels(self) -> int:
+        return 1 + len(self.upper)
+
+    def append_chunk(self, key: torch.Tensor, value: torch.Tensor, gist_key: torch.Tensor, gist_value: torch.Tensor,
+                     upper_keys: list[torch.Tensor] = (), upper_values: list[torch.Tensor] = ()) -> torch.Tensor:
+        """Append one level-1 chunk per row: (B, Hk, C, D) raw states and its (B, Hk, D) gist.
+
+        ``upper_keys[l - 2]`` and ``upper_values[l - 2]`` (B, Hk, D) are the level-l gist states,
+        stored only in the rows where the new chunk completes a level-l section. Returns a
+        (B, levels) mask of the rows and levels that gained a gist. Tensors that other
+        code holds are not changed: every tier that grows is a new tensor.
+        """
+        if self.store is not None:
+            raise NotImplementedError("append_chunk needs the raw chunks on the device; use raw_tier='device'")
+        if len(upper_keys) != len(self.upper) or len(upper_values) != len(self.upper):
+            raise ValueError(f"got {len(upper_keys)} upper gist states for {len(self.upper)} levels above 1")
+        chunk_len = key.shape[2]
+        slot = self.num_chunks.clone()  # (B,): each row writes after its own last chunk
+        self.chunk_k, self.chunk_v, self.chunk_valid = _append_rows(
+            self.chunk_k, self.chunk_v, self.chunk_valid, slot, key, value, chunk_len)
+        self.gist_k, self.gist_v, self.gist_valid = _append_rows(
+            self.gist_k, self.gist_v, self.gist_valid, slot, gist_key, gist_value)
+        self.num_chunks = slot + 1
+        added = [torch.ones_like(slot, dtype=torch.bool)]
+        closed, count = added[0], self.num_chunks
+        for tier, fanout, up_k, up_v in zip(self.upper, self.fanouts, upper_keys, upper_values):
+            closed = closed & (count % fanout == 0)
+            count = count // fanout
+            rows = closed.nonzero().flatten()
+            if rows.numel():
+                tier.keys, tier.values, tier.valid = _append_rows(
+                    tier.keys, tier.values, tier.valid, count - 1, up_k, up_v, rows=rows)
+            added.append(closed)
+        self.summaries = {}  # describes the old chunk tier; a new dict, because forks share the old one
+        return torch.stack(added, dim=1)
 
     def append_recent(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Append T new tokens, (B, Hk, T, D), to the recent tier."""
@@ -102,6 +157,40 @@ class Tiers:
         return resident + (self.store.resident_bytes() if self.store is not None else 0)
 
 
+def _append_rows(keys, values, valid, slot, new_k, new_v, chunk_len: int | None = None, rows=None):
+    """Write (B, Hk, [C,] D) states at ``slot`` (B,) of a padded tier, growing it when needed.
+
+    ``rows`` limits the write to those batch rows. A chunk tier is (B, Hk, N, Cm, D) with (B, N, Cm)
+    validity; a gist tier is (B, Hk, N, D) with (B, N) validity.
+    """
+    rows = torch.arange(keys.shape[0], device=keys.device) if rows is None else rows
+    width = max(keys.shape[2], int(slot[rows].max()) + 1)
+    if chunk_len is not None and chunk_len > keys.shape[3]:
+        raise ValueError(f"a new chunk of {chunk_len} tokens does not fit the chunk tier's {keys.shape[3]} slots")
+    keys, values, valid = _grow(keys, width), _grow(values, width), _grow(valid, width)
+    heads = torch.arange(keys.shape[1], device=keys.device)
+    at = slot[rows]
+    if chunk_len is None:
+        keys[rows[:, None], heads[None, :], at[:, None]] = new_k[rows].to(keys.dtype)
+        values[rows[:, None], heads[None, :], at[:, None]] = new_v[rows].to(values.dtype)
+        valid[rows, at] = True
+        return keys, values, valid
+    keys[rows[:, None], heads[None, :], at[:, None], :chunk_len] = new_k[rows].to(keys.dtype)
+    values[rows[:, None], heads[None, :], at[:, None], :chunk_len] = new_v[rows].to(values.dtype)
+    valid[rows, at, :chunk_len] = True
+    return keys, values, valid
+
+
+def _grow(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Copy ``tensor`` with dimension 2 (dimension 1 for a validity mask) padded to ``width``."""
+    dim = 1 if tensor.dtype == torch.bool else 2
+    shape = list(tensor.shape)
+    extra = width - shape[dim]
+    shape[dim] = extra
+    pad = torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([tensor, pad], dim=dim)
+
+
 def gather_chunk_rows(chunks: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Gather chunks ``index`` (B, Hk, K) of a (B, Hk, N, Cm, D) tier; returns (B, Hk, K, Cm, D).
 
@@ -141,7 +230,8 @@ def split_tiers(key: torch.Tensor, value: torch.Tensor, batch: GistBatch) -> Tie
     chunk_k, chunk_v, chunk_valid = take(batch.chunk_index)
     gist_k, gist_v, gist_valid = take(batch.gist_index)
     recent_k, recent_v, recent_valid = take(batch.recent_index)
+    upper = [GistTier(*take(index)) for index in batch.hierarchy.gist_index] if batch.hierarchy is not None else []
     return Tiers(
         sink_k, sink_v, sink_valid, chunk_k, chunk_v, chunk_valid, gist_k, gist_v, gist_valid,
-        recent_k, recent_v, recent_valid, batch.num_chunks.to(key.device),
+        recent_k, recent_v, recent_valid, batch.num_chunks.to(key.device), upper=upper, fanouts=batch.spec.fanouts,
     )

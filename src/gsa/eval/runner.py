@@ -4,8 +4,9 @@ Each run writes to ``OUT/<task>__<method>__r<ratio>/``:
 
 - ``predictions.jsonl``: one line per finished sample, appended and flushed as it completes, so
   an interrupted run resumes where it stopped (finished ids are skipped);
-- ``summary.json``: task, method, ratio, n, score, metric, mean attended KV fraction, seconds and,
-  with diagnostics on, routing recall and agreement with full attention. It is written
+- ``summary.json``: task, method, ratio (the product of the chunk sizes), ratio_sizes (the ratio as
+  given, such as ``4x4``), n, score, metric, mean attended KV fraction, seconds and, with
+  diagnostics on, routing recall and agreement with full attention. It is written
   atomically after every sample.
 """
 
@@ -25,7 +26,7 @@ from gsa.errors import InvalidInputError
 from gsa.eval.metrics import score_sample
 from gsa.eval.tasks import load_task
 from gsa.eval.types import Sample, TaskOptions
-from gsa.layout import GistSpec
+from gsa.layout import GistSpec, parse_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ class EvalSettings:
     Attributes:
         task: task name, e.g. ``longbench:qasper`` or ``passkey``.
         method: method name from ``gsa.methods.METHODS``.
-        ratio: compression ratio (chunk size in tokens).
+        ratio: compression ratio: a chunk size in tokens, or chunk sizes per gist level joined by x
+            (``"4x4"``).
         out: folder that receives the run folder.
         data_dir: folder with the data sets.
         limit: at most this many samples.
@@ -55,7 +57,7 @@ class EvalSettings:
 
     task: str
     method: str
-    ratio: int = 16
+    ratio: int | str = 16
     out: Path = Path("runs/eval")
     data_dir: Path = Path("data")
     limit: int | None = None
@@ -68,7 +70,7 @@ class EvalSettings:
     task_options: dict = field(default_factory=dict)
 
     def gsa_config(self, method: str | None = None) -> GSAConfig:
-        return GSAConfig(spec=GistSpec(chunk_size=self.ratio), method=method or self.method,
+        return GSAConfig(spec=GistSpec.from_sizes(parse_ratio(str(self.ratio))), method=method or self.method,
                          top_k=self.top_k, prefill=self.prefill, seed=self.seed)
 
     @property
@@ -170,7 +172,9 @@ def summarize(settings: EvalSettings, samples: list[Sample], records: list[dict]
     else:
         score = sum(r["score"] for r in records) / len(records) if records else None
     summary = {
-        "task": settings.task, "method": settings.method, "ratio": settings.ratio, "n": len(records),
+        # NOTE: "ratio" is the product of the chunk sizes, so the report puts 16 and 4x4 in one column.
+        "task": settings.task, "method": settings.method, "ratio": settings.gsa_config().ratio,
+        "ratio_sizes": str(settings.ratio), "n": len(records),
         "total": len(samples), "score": score, "metric": metric,
         "mean_attended_kv_fraction": sum(fractions) / len(fractions) if fractions else None,
         "seconds": sum(r["seconds"] for r in records), "prefill": settings.prefill,

@@ -13,7 +13,7 @@ Cm max chunk length, K recalled chunks, R recent tokens, S0 sinks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,12 @@ class Visibility:
     gist_on: torch.Tensor  # (B, Hk, T, N): these gists are attended
     recent_on: torch.Tensor  # (B, T, R): recent tokens at or before the query
     gist_mode: str = "chunks"  # "chunks": gist_on equals chunk_on; "all": every valid gist; "none"
+    upper_on: list[torch.Tensor] = field(default_factory=list)  # levels 2..L: (B, Hk, T, N_l) attended gists
+    # Optional index lists of the same choice, which let a decode step skip scanning the masks:
+    # recalled chunks (B, Hk, T, K) with a validity flag, and the attended gists of each level above 1.
+    chunk_index: tuple[torch.Tensor, torch.Tensor] | None = None
+    upper_index: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    scored: torch.Tensor | None = None  # (B, Hk, T) gists scored to make the choice, when gists routed it
 
 
 def recent_visibility(tiers: Tiers, query_slot: torch.Tensor) -> torch.Tensor:
@@ -40,13 +46,31 @@ def recent_visibility(tiers: Tiers, query_slot: torch.Tensor) -> torch.Tensor:
 def attended_counts(tiers: Tiers, vis: Visibility) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Count keys per (B, Hk, T): all attended, raw attended, and what full attention would read."""
     sinks = tiers.sink_valid.sum(-1)[:, None, None]  # (B, 1, 1)
-    chunk_len = tiers.chunk_valid.sum(-1).to(torch.long)  # (B, N)
-    raw_chunks = (vis.chunk_on * chunk_len[:, None, None, :]).sum(-1)  # (B, Hk, T)
+    chunk_len = chunk_lengths(tiers)  # (B, N)
+    if vis.chunk_index is not None:
+        index, picked = vis.chunk_index  # (B, Hk, T, K)
+        rows = torch.arange(index.shape[0], device=index.device)[:, None, None, None]
+        raw_chunks = (chunk_len[rows, index] * picked).sum(-1)  # (B, Hk, T)
+    else:
+        raw_chunks = (vis.chunk_on * chunk_len[:, None, None, :]).sum(-1)  # (B, Hk, T)
     recent = vis.recent_on.sum(-1)[:, None, :]  # (B, 1, T)
     raw = sinks + raw_chunks + recent
     attended = raw + vis.gist_on.sum(-1)
-    full = sinks + chunk_len.sum(-1)[:, None, None] + recent
+    if vis.upper_index:
+        attended = attended + sum(picked.sum(-1) for _, picked in vis.upper_index)
+    else:
+        attended = attended + sum(on.sum(-1) for on in vis.upper_on)
+    full = sinks + tiers.summaries["raw_total"][:, None, None] + recent
     return attended, raw, full.expand_as(attended)
+
+
+def chunk_lengths(tiers: Tiers) -> torch.Tensor:
+    """Valid tokens per raw chunk, (B, N), computed once per chunk tier with its (B,) total."""
+    if "chunk_len" not in tiers.summaries:
+        chunk_len = tiers.chunk_valid.sum(-1).to(torch.long)
+        tiers.summaries["chunk_len"] = chunk_len
+        tiers.summaries["raw_total"] = chunk_len.sum(-1)
+    return tiers.summaries["chunk_len"]
 
 
 def attend_masked(query: torch.Tensor, tiers: Tiers, vis: Visibility, scaling: float) -> torch.Tensor:
@@ -57,15 +81,18 @@ def attend_masked(query: torch.Tensor, tiers: Tiers, vis: Visibility, scaling: f
     num_chunks, chunk_len = tiers.chunk_valid.shape[1:]
 
     chunk_k, chunk_v = tiers.raw_chunks()  # (B, Hk, N, Cm, D)
-    keys = torch.cat([tiers.sink_k, chunk_k.flatten(2, 3), tiers.gist_k, tiers.recent_k], dim=2)
-    values = torch.cat([tiers.sink_v, chunk_v.flatten(2, 3), tiers.gist_v, tiers.recent_v], dim=2)
+    upper_k, upper_v = [tier.keys for tier in tiers.upper], [tier.values for tier in tiers.upper]
+    keys = torch.cat([tiers.sink_k, chunk_k.flatten(2, 3), tiers.gist_k, tiers.recent_k, *upper_k], dim=2)
+    values = torch.cat([tiers.sink_v, chunk_v.flatten(2, 3), tiers.gist_v, tiers.recent_v, *upper_v], dim=2)
 
     # Visibility of each key column, in the same tier order. (B, Hk, T, S0 + N*Cm + N + R)
     sink_on = tiers.sink_valid[:, None, None, :].expand(batch, kv_heads, length, -1)
     raw_on = vis.chunk_on[..., None] & tiers.chunk_valid[:, None, None]  # (B, Hk, T, N, Cm)
     recent_on = vis.recent_on[:, None].expand(batch, kv_heads, length, -1)
+    upper_on = vis.upper_on or [torch.zeros_like(vis.gist_on[..., :1]).expand(-1, -1, -1, tier.valid.shape[1])
+                                for tier in tiers.upper]
     mask = torch.cat([sink_on, raw_on.reshape(batch, kv_heads, length, num_chunks * chunk_len),
-                      vis.gist_on, recent_on], dim=-1)
+                      vis.gist_on, recent_on, *upper_on], dim=-1)
 
     # Queries of one group share the mask. (B, Hk, G*T, D)
     grouped = query.reshape(batch, kv_heads, group * length, dim)
@@ -88,9 +115,12 @@ def attend_gathered(query: torch.Tensor, tiers: Tiers, vis: Visibility, scaling:
     chunk_on = vis.chunk_on[:, :, 0]  # (B, Hk, N)
 
     # Indices of recalled chunks, padded to the largest count K. (B, Hk, K)
-    count = int(chunk_on.sum(-1).max()) if chunk_on.numel() else 0
-    order = torch.sort(chunk_on.to(torch.int8), dim=-1, descending=True, stable=True)
-    index, picked = order.indices[..., :count], order.values[..., :count].bool()
+    if vis.chunk_index is not None:
+        index, picked = vis.chunk_index[0][:, :, 0], vis.chunk_index[1][:, :, 0]
+    else:
+        count = int(chunk_on.sum(-1).max()) if chunk_on.numel() else 0
+        order = torch.sort(chunk_on.to(torch.int8), dim=-1, descending=True, stable=True)
+        index, picked = order.indices[..., :count], order.values[..., :count].bool()
     b = torch.arange(batch, device=query.device)[:, None, None]
     h = torch.arange(kv_heads, device=query.device)[None, :, None]
     raw_k, raw_v = tiers.gather_chunks(index)  # (B, Hk, K, Cm, D)
@@ -112,6 +142,7 @@ def attend_gathered(query: torch.Tensor, tiers: Tiers, vis: Visibility, scaling:
         (raw_k, raw_v, raw_on),
         (gist_k, gist_v, gist_on),
         (tiers.recent_k, tiers.recent_v, vis.recent_on[:, 0][:, None].expand(-1, kv_heads, -1)),
+        *_upper_parts(tiers, vis, b, h),
     ]
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim).float()  # (B, Hk, G, D)
     logits = []
@@ -123,6 +154,18 @@ def attend_gathered(query: torch.Tensor, tiers: Tiers, vis: Visibility, scaling:
     for (_, values, _), part in zip(parts, weights.split([p.shape[-1] for p in logits], dim=-1)):
         out = out + torch.einsum("bkgl,bkld->bkgd", part, values.float())
     return out.to(query.dtype).reshape(batch, heads, 1, dim)
+
+
+def _upper_parts(tiers: Tiers, vis: Visibility, b: torch.Tensor, h: torch.Tensor) -> list[tuple]:
+    """(keys, values, visible) of the attended gists above level 1 for one query per row."""
+    parts = []
+    for level, tier in enumerate(tiers.upper):
+        if vis.upper_index:
+            index, picked = (x[:, :, 0] for x in vis.upper_index[level])  # (B, Hk, K)
+            parts.append((tier.keys[b, h, index], tier.values[b, h, index], picked))
+        elif vis.upper_on:
+            parts.append((tier.keys, tier.values, vis.upper_on[level][:, :, 0]))
+    return parts
 
 
 def keep_rows_finite(mask: torch.Tensor) -> torch.Tensor:

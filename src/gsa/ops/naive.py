@@ -35,6 +35,58 @@ def naive_select(
     return chosen
 
 
+def naive_top_down(
+    query: torch.Tensor, gist_keys: list[torch.Tensor], counts: list[torch.Tensor], fanouts: tuple[int, ...],
+    k: list[torch.Tensor], window_start: torch.Tensor, scaling: float, merge: str = "union",
+    top_p: float | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Loop twin of ``select_top_down``.
+
+    Returns the kept gists of each level as (B, Hk, T, N_l) masks, level 1 first, and the number
+    of candidates scored per (B, Hk, T).
+    """
+    batch, heads, length, _ = query.shape
+    kv_heads = gist_keys[0].shape[1]
+    levels = len(gist_keys)
+    kept = [torch.zeros(batch, kv_heads, length, keys.shape[2], dtype=torch.bool) for keys in gist_keys]
+    scored = torch.zeros(batch, kv_heads, length, dtype=torch.long)
+    for b in range(batch):
+        for hk in range(kv_heads):
+            for t in range(length):
+                options = list(range(int(counts[-1][b])))
+                for level in range(levels, 0, -1):
+                    if level == 1:
+                        options = [n for n in options if n < int(window_start[b])]
+                    chosen = _choose_level(query, gist_keys[level - 1], b, hk, t, options, int(k[level - 1][b, t]),
+                                           scaling, merge, top_p)
+                    scored[b, hk, t] += len(options)
+                    for n in chosen:
+                        kept[level - 1][b, hk, t, n] = True
+                    if level > 1:
+                        options = _children_and_frontier(sorted(chosen), fanouts[level - 2], int(counts[level - 1][b]),
+                                                         int(counts[level - 2][b]))
+    return kept, scored
+
+
+def _choose_level(query, keys, b, hk, t, options, k, scaling, merge, top_p) -> set[int]:
+    """Union over the query heads of KV head ``hk`` (or one choice on summed scores) among ``options``."""
+    group = query.shape[1] // keys.shape[1]
+    heads = range(hk * group, (hk + 1) * group)
+    per_head = [{n: float(query[b, h, t].double() @ keys[b, hk, n].double()) * scaling for n in options} for h in heads]
+    if merge == "group-sum":
+        per_head = [{n: sum(s[n] for s in per_head) for n in options}]
+    chosen: set[int] = set()
+    for head_scores in per_head:
+        chosen.update(_choose(head_scores, k, top_p))
+    return chosen
+
+
+def _children_and_frontier(parents: list[int], fanout: int, num_parents: int, num_children: int) -> list[int]:
+    """Children of the kept ``parents`` plus the gists after the last full section, which have no parent."""
+    children = [parent * fanout + c for parent in parents for c in range(fanout)]
+    return children + list(range(num_parents * fanout, num_children))
+
+
 def _choose(scores: dict[int, float], k: int, top_p: float | None) -> list[int]:
     ranked = sorted(scores, key=lambda n: (-scores[n], n))
     if top_p is None:
@@ -87,6 +139,10 @@ def _visible_keys(tiers: Tiers, chunks: tuple[torch.Tensor, torch.Tensor], vis: 
     for r in range(tiers.recent_valid.shape[1]):
         if vis.recent_on[b, t, r]:
             pairs.append((tiers.recent_k[b, hk, r], tiers.recent_v[b, hk, r]))
+    for tier, upper_on in zip(tiers.upper, vis.upper_on):
+        for n in range(tier.valid.shape[1]):
+            if upper_on[b, hk, t, n]:
+                pairs.append((tier.keys[b, hk, n], tier.values[b, hk, n]))
     return [k for k, _ in pairs], [v for _, v in pairs]
 
 

@@ -44,7 +44,7 @@ def select_chunks(
 
     Args:
         scores: (B, Hk, G, T, N) gist scores.
-        candidate: (B, T, N) chunks that may be chosen.
+        candidate: (B, T, N) chunks that may be chosen, or (B, Hk, T, N) with a set per KV head.
         k: (B, T) chunks to choose per query head (ignored when ``top_p`` is set).
         merge: ``union`` of the per-head choices, or ``group-sum`` (one choice on summed scores).
         top_p: choose the smallest set of chunks whose softmax mass reaches ``top_p``.
@@ -52,14 +52,16 @@ def select_chunks(
     Returns:
         (B, Hk, T, N) boolean mask of chosen chunks.
     """
-    scores = scores.masked_fill(~candidate[:, None, None], float("-inf"))
+    # Broadcast over the G query heads, and over the KV heads for a shared (B, T, N) set.
+    candidate = candidate[:, None, None] if candidate.dim() == 3 else candidate[:, :, None]
+    scores = scores.masked_fill(~candidate, float("-inf"))
     if merge == "group-sum":
         scores = scores.sum(dim=2, keepdim=True)  # (B, Hk, 1, T, N)
     if top_p is not None:
         chosen = _top_p(scores, top_p)
     else:
         chosen = _top_k(scores, k)
-    return (chosen & candidate[:, None, None]).any(dim=2)
+    return (chosen & candidate).any(dim=2)
 
 
 def _top_k(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
