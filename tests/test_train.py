@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import json
 import os
 import re
@@ -318,3 +319,83 @@ def test_cli_trains_and_overrides(tmp_path, capsys, tiny_model_dir):
     assert summary["step"] == 2
     record = load_checkpoint(summary["checkpoint"]).trainer
     assert record["config"]["optim"]["steps"] == 2
+
+
+# --- router distillation -------------------------------------------------------------------------
+
+
+def naive_distill(student, teacher, batch, plain, chunk, spec, temperature):
+    """Loop-clear KL(teacher chunk mass || softmax of gist scores), averaged like distill_loss."""
+    num_chunks = batch.gist_index.shape[1]
+    per_layer = []
+    for layer in sorted(student.queries):
+        values = []
+        q_s, k_s = student.queries[layer], student.keys[layer]
+        q_t, k_t = teacher.queries[layer], teacher.keys[layer]
+        group = q_s.shape[1] // k_s.shape[1]
+        for b in range(q_s.shape[0]):
+            window_start = int(batch.num_chunks[b]) - spec.window_chunks
+            candidates = [n for n in range(num_chunks) if batch.gist_index[b, n] >= 0 and n < window_start]
+            if not candidates:
+                continue
+            for h in range(q_s.shape[1]):
+                for t in range(q_s.shape[2]):
+                    column = int(plain.suffix_index[b, t])
+                    if column < 0:
+                        continue
+                    visible = [s for s in range(column + 1) if plain.kind[b, s] != TokenKind.PAD]
+                    weights = torch.softmax(torch.stack([q_t[b, h, t] @ k_t[b, h // group, s] for s in visible]) * student.scaling, 0)
+                    mass = {n: 0.0 for n in candidates}
+                    for weight, s in zip(weights.tolist(), visible):
+                        if int(chunk[b, s]) in mass:
+                            mass[int(chunk[b, s])] += weight
+                    total = sum(mass.values())
+                    gists = [int(batch.gist_index[b, n]) for n in candidates]
+                    scores = torch.stack([q_s[b, h, t] @ k_s[b, h // group, g] for g in gists]) * student.scaling / temperature
+                    log_q = torch.log_softmax(scores, 0)
+                    kl = sum((m / total) * (math.log(m / total) - float(lq)) for m, lq in zip(mass.values(), log_q) if m > 0)
+                    values.append(kl)
+        per_layer.append(sum(values) / len(values))
+    return sum(per_layer) / len(per_layer)
+
+
+def test_distill_loss_matches_loops():
+    from gsa.train.distill import Recorder, distill_loss, selecting_layers, teacher_batch
+
+    model = make_model("llama", heads=6, kv_heads=2)
+    spec = GistSpec(chunk_size=4, sinks=2)
+    generator = torch.Generator().manual_seed(2)
+    examples = [
+        task_example(torch.randint(1, 100, (n,), generator=generator).tolist(), [5, 6], [7, 8, 9], GIST_ID, spec)
+        for n in (41, 26)
+    ]
+    batch = collate_examples(examples, pad_id=0).batch
+    config = GSAConfig(spec=spec, top_k=2)
+    layers = selecting_layers(model.config.num_hidden_layers, config)
+    student, teacher = Recorder(layers), Recorder(layers)
+    plain, chunk = teacher_batch(batch)
+    with torch.no_grad():
+        model(input_ids=batch.input_ids, position_ids=batch.position_ids, gist_batch=batch, gsa_config=config,
+              gsa_recorder=student)
+        model(input_ids=plain.input_ids, position_ids=plain.position_ids, gist_batch=plain,
+              gsa_config=GSAConfig(spec=spec, method="full"), gsa_recorder=teacher)
+    assert layers == {1, 2}
+    fast = float(distill_loss(student, teacher, batch, plain, chunk, config, temperature=0.7))
+    naive = naive_distill(student, teacher, batch, plain, chunk, spec, temperature=0.7)
+    assert fast > 0
+    assert abs(fast - naive) < 1e-4 * max(1.0, naive)
+
+
+def test_teacher_batch_drops_gists():
+    from gsa.train.distill import teacher_batch
+
+    spec = GistSpec(chunk_size=4, sinks=2)
+    examples = [task_example(list(range(10, 10 + n)), [5], [6], GIST_ID, spec) for n in (19, 11)]
+    batch = collate_examples(examples, pad_id=0).batch
+    plain, chunk = teacher_batch(batch)
+    for b, n in enumerate((19, 11)):
+        real = plain.kind[b] != TokenKind.PAD
+        assert plain.input_ids[b, real].tolist() == list(range(10, 10 + n)) + [5, 6]
+        assert plain.position_ids[b, real].tolist() == list(range(n + 2))
+        raw = batch.kind[b] == TokenKind.RAW
+        assert chunk[b, real].tolist()[2:2 + int(raw.sum())] == batch.chunk[b, raw].tolist()

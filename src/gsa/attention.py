@@ -26,9 +26,7 @@ from gsa.config import GSAConfig
 from gsa.diagnostics import RouterProbe
 from gsa.errors import InvalidInputError
 from gsa.layout import GistBatch
-from gsa.masks import (
-    and_masks, causal, causal_mask, dense_mask, dense_prefill_mask, gist_mask, padding, sliding_window,
-)
+from gsa.masks import and_masks, causal, dense_mask, padding, prefill_rule, sliding_window
 from gsa.ops.attend import keep_rows_finite
 from gsa.ops.naive import naive_masked_attention
 from gsa.sparse import KeyCounts, selective_attention
@@ -103,6 +101,9 @@ def gsa_attention(
     """
     view = _take_view(module, kwargs)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    recorder = kwargs.get("gsa_recorder")  # training-time capture of queries and keys (router distillation)
+    if recorder is not None:
+        recorder(view.layer_idx, query, key, view.batch, scaling)
     if view.window is not None:
         out = _window_attention(query, key, value, view, scaling)
     elif view.prefill:
@@ -135,8 +136,7 @@ def _take_view(module: torch.nn.Module, kwargs: dict) -> LayerView:
 def _prefill_attention(query, key, value, view: LayerView, scaling: float) -> torch.Tensor:
     """Context queries under the gist (or causal) mask; suffix queries with selective unfolding."""
     config, batch = view.config, view.batch
-    rules = {"causal": causal_mask, "gist": gist_mask, "dense": dense_prefill_mask}
-    rule = rules[config.prefill_mask](batch)
+    rule = prefill_rule(batch, config.prefill_mask)  # picks the multi-level rule when the batch has levels
     out = masked_attention(query, key, value, rule, scaling, naive=config.impl == "naive")
     if batch.suffix_index.shape[1] == 0:
         return out

@@ -32,6 +32,7 @@ from gsa.train.checkpoint import (
 )
 from gsa.train.config import TrainConfig
 from gsa.train.data import IGNORE, TrainBatch
+from gsa.train.distill import Recorder, router_distill_loss, selecting_layers
 from gsa.train.weights import load_trainable, prepare_model, trainable_tensors
 
 logger = logging.getLogger(__name__)
@@ -67,12 +68,15 @@ def lr_factor(step: int, steps: int, warmup_fraction: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def token_loss(model, batch: TrainBatch, gsa_config: GSAConfig) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over the batch's target columns; returns (loss, target count)."""
+def token_loss(model, batch: TrainBatch, gsa_config: GSAConfig, **extra) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over the batch's target columns; returns (loss, target count).
+
+    ``extra`` keyword arguments reach the attention function (``gsa_recorder=`` for distillation).
+    """
     layout = batch.batch
     logits = model(
         input_ids=layout.input_ids, position_ids=layout.position_ids, gist_batch=layout, gsa_config=gsa_config,
-        use_cache=False,
+        use_cache=False, **extra,
     ).logits  # (B, L, V)
     count = int((batch.targets != IGNORE).sum())
     loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE)
@@ -155,7 +159,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-        total_loss, total_tokens = 0.0, 0
+        total_loss, total_distill, total_tokens = 0.0, 0.0, 0
         for micro in range(optim.grad_accum):
             batch, ratio = self.source.micro_batch(self.step, micro, self.accelerator.process_index, self.accelerator.num_processes)
             batch = batch.to(self.accelerator.device)
@@ -163,9 +167,10 @@ class Trainer:
             sync = micro == optim.grad_accum - 1
             context = self.accelerator.no_sync(self.model) if not sync else _nullcontext()
             with context, self.accelerator.autocast():
-                loss, count = token_loss(self.model, batch, gsa_config)
-                self.accelerator.backward(loss / optim.grad_accum)
+                loss, distill = self._micro_loss(batch, gsa_config)
+                self.accelerator.backward((loss + self.config.distill.weight * distill) / optim.grad_accum)
             total_loss += float(loss.detach()) / optim.grad_accum
+            total_distill += float(distill.detach()) / optim.grad_accum
             total_tokens += int(batch.batch.attention_mask.sum())
 
         if optim.max_grad_norm > 0:
@@ -183,6 +188,8 @@ class Trainer:
             "step": self.step, "loss": loss_all, "lr": lr, "tokens_per_s": tokens / seconds, "seconds": seconds,
             "tokens_seen": self.tokens_seen,
         }
+        if self.config.distill.weight > 0:
+            record["distill"] = float(self.accelerator.reduce(torch.tensor(total_distill, device=self.accelerator.device), "mean"))
         if self.is_main:
             logger.info(
                 "step %d/%d loss %.4f lr %.2e %.0f tok/s %.1f s", self.step, optim.steps, loss_all, lr,
@@ -191,6 +198,17 @@ class Trainer:
             with (self.out_dir / "metrics.jsonl").open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
         return record
+
+    def _micro_loss(self, batch: TrainBatch, gsa_config: GSAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token loss of one micro-batch, and the router distillation term (zero when it is off)."""
+        distill = self.config.distill
+        if distill.weight <= 0 or batch.batch.suffix_index.shape[1] == 0:
+            loss, _ = token_loss(self.model, batch, gsa_config)
+            return loss, torch.zeros((), device=loss.device)
+        model = self.accelerator.unwrap_model(self.model)
+        student = Recorder(selecting_layers(model.config.num_hidden_layers, gsa_config))
+        loss, _ = token_loss(self.model, batch, gsa_config, gsa_recorder=student)
+        return loss, router_distill_loss(model, batch.batch, gsa_config, student, distill.temperature)
 
     def trainer_record(self) -> dict:
         return {

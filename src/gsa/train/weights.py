@@ -9,6 +9,7 @@ rebuilds the same structure on a fresh base model before loading them.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,7 +47,10 @@ def _add_lora(model, adapter: AdapterSection, gist_ids: list[int]):
         target_modules=adapter.target_modules, trainable_token_indices=list(gist_ids), task_type="CAUSAL_LM",
     )
     try:
-        model = get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # peft 0.21 calls a transformers method that transformers 5 marks deprecated.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, config)
     except ValueError as error:
         raise InvalidInputError(f"LoRA could not be added ({error}); check adapter.target_modules") from error
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
