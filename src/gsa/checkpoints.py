@@ -39,19 +39,29 @@ def default_checkpoint() -> Path | None:
     return bundled if (bundled / "manifest.json").is_file() else None
 
 
+def resolve_checkpoint(model: str | None, checkpoint: str | None) -> Path | None:
+    """Return the checkpoint folder a command will load, or None for an untrained model, without loading it."""
+    if model is not None and checkpoint not in (None, NO_CHECKPOINT):
+        raise InvalidInputError("--model and --checkpoint both set; a checkpoint names its own base model, so pass one")
+    if checkpoint is not None:
+        return None if checkpoint == NO_CHECKPOINT else Path(checkpoint)
+    return default_checkpoint() if model is None else None
+
+
+def checkpoint_ratios(path: Path) -> list[str]:
+    """Read the ratios a checkpoint was trained for from its ``trainer.json`` (no weights are read)."""
+    from gsa.train.checkpoint import load_checkpoint
+
+    record = load_checkpoint(path, with_state=False, weights=False).trainer
+    return list(record.get("ratios", []))
+
+
 def load_for_inference(model: str | None, checkpoint: str | None) -> LoadedModel:
     """Load ``--checkpoint`` (trained), else ``--model`` (untrained), else the default checkpoint or model."""
     from gsa.model import load_model
     from gsa.train.weights import load_trained_model
 
-    if model is not None and checkpoint not in (None, NO_CHECKPOINT):
-        raise InvalidInputError("--model and --checkpoint both set; a checkpoint names its own base model, so pass one")
-    path = None
-    if checkpoint is not None:
-        path = None if checkpoint == NO_CHECKPOINT else Path(checkpoint)
-    elif model is None:
-        path = default_checkpoint()
-
+    path = resolve_checkpoint(model, checkpoint)
     if path is None:
         loaded, tokenizer = load_model(model)
         return LoadedModel(loaded, tokenizer, model or "smollm2-135m", trained=False, ratios=[])

@@ -18,11 +18,14 @@ from gsa.cli_train import add_train_parser
 from gsa.config import IMPLS, MERGES, PREFILLS, GSAConfig
 from gsa.errors import InvalidInputError
 from gsa.layout import GistSpec, format_ratio, parse_ratio
-from gsa.methods import METHODS
+from gsa.checkpoints import NO_CHECKPOINT, checkpoint_ratios, load_for_inference, resolve_checkpoint
+from gsa.methods import METHODS, get_method
 
 EXIT_USAGE = 2
 SAMPLE_DOCUMENT = "sample_document.md"
 SAMPLE_QUESTIONS = "sample_questions.json"
+CHECKPOINT_HELP = ("trained GSA checkpoint folder (from gsa train); none uses the untrained base model (default: "
+                   "$GSA_CHECKPOINT, else the bundled checkpoints/smollm2-135m-gsa16 when present and --model is unset)")
 PROGRESS_MIN_TOKENS = 1024  # prompts at least this long show a prefill progress bar
 
 
@@ -49,8 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, help="chunks recalled per query head (default: the budget rule)")
     gen.add_argument("--top-p", type=float, help="recall chunks until their gist-score mass reaches this share")
     gen.add_argument("--merge", default="union", choices=MERGES, help="GQA merge of head choices (default union)")
-    gen.add_argument("--prefill", default="dense", choices=PREFILLS, help="dense: full causal context, gists only route, "
-                     "which needs no training (default); gist: the gist mask, for checkpoints trained with gists")
+    gen.add_argument("--checkpoint", help=CHECKPOINT_HELP)
+    gen.add_argument("--prefill", choices=PREFILLS, help="gist: the gist mask, for checkpoints trained with gists "
+                     "(default with a trained checkpoint); dense: full causal context where gists only route, which "
+                     "needs no training (default for an untrained model)")
     gen.add_argument("--impl", default="fast", choices=IMPLS, help="fast, or naive: the loop reference, for small inputs (default fast)")
     gen.add_argument("--sinks", type=int, default=3, help="leading tokens never chunked (default 3)")
     gen.add_argument("--window", type=int, default=1, help="previous chunks kept raw-visible (default 1)")
@@ -85,8 +90,9 @@ def _add_eval_parsers(commands) -> None:
     evaluate.add_argument("--model", help="local model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     evaluate.add_argument("--data-dir", help="folder with the data sets (default: $GSA_DATA_DIR, else ./data)")
     evaluate.add_argument("--max-context-tokens", type=int, default=7500, help="truncate longer contexts in the middle (default 7500)")
-    evaluate.add_argument("--prefill", default="dense", choices=PREFILLS,
-                          help="for methods built on gists: dense (gists only route, default) or gist (trained gists)")
+    evaluate.add_argument("--checkpoint", help=CHECKPOINT_HELP)
+    evaluate.add_argument("--prefill", choices=PREFILLS, help="for methods built on gists: gist (trained gists; default "
+                          "with a trained checkpoint) or dense (gists only route; default for an untrained model)")
     evaluate.add_argument("--top-k", type=int, help="chunks recalled per query head (default: the budget rule)")
     evaluate.add_argument("--lengths", help="comma-separated context lengths in tokens for passkey, niah and perplexity")
     evaluate.add_argument("--depths", help="comma-separated needle depths in [0, 1] for passkey and niah")
@@ -106,7 +112,9 @@ def _add_eval_parsers(commands) -> None:
     explain.add_argument("--model", help="local model directory or .gguf file")
     explain.add_argument("--method", default="gsa", help="a registered method name (default gsa)")
     explain.add_argument("--ratio", type=int, default=16, help="compression ratio (default 16)")
-    explain.add_argument("--prefill", default="dense", choices=PREFILLS, help="dense or gist (default dense)")
+    explain.add_argument("--checkpoint", help=CHECKPOINT_HELP)
+    explain.add_argument("--prefill", choices=PREFILLS, help="gist or dense (default: gist with a trained checkpoint, "
+                         "else dense)")
     explain.add_argument("--max-new-tokens", type=int, default=24, help="maximum tokens to generate (default 24)")
     explain.add_argument("--out", default="explain", help="output path prefix: writes PREFIX.png and PREFIX.html (default explain)")
     explain.set_defaults(handler=run_explain_command)
@@ -236,6 +244,7 @@ def _build_config(args):
     if args.max_new_tokens < 1:
         raise InvalidInputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     sizes = parse_ratio(args.ratio)
+    _resolve_prefill(args, [format_ratio(sizes)], [args.method])
     if args.sinks < 0 or args.window < 0:
         raise InvalidInputError(f"--sinks and --window must be 0 or more, got {args.sinks} and {args.window}")
     if args.top_k is not None and args.top_k < 1:
@@ -294,16 +303,33 @@ def _load_generator(args):
     import transformers
 
     from gsa.engine import GistGenerator
-    from gsa.model import load_model
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     # The GGUF loader draws its own progress bar on stderr; it is shown only with --verbose.
     with contextlib.nullcontext() if args.verbose else contextlib.redirect_stderr(io.StringIO()):
-        model, tokenizer = load_model(args.model)
-    generator = GistGenerator(model, tokenizer)
-    generator.model_name = args.model or "smollm2-135m"
+        loaded = load_for_inference(args.model, getattr(args, "checkpoint", NO_CHECKPOINT))
+    generator = GistGenerator(loaded.model, loaded.tokenizer)
+    generator.model_name = loaded.name
     return generator
+
+
+def _resolve_prefill(args, ratios: list[str], methods: list[str]) -> None:
+    """Set ``args.prefill`` from the model source when unset, and check a checkpoint's ratios.
+
+    Reads only the checkpoint's ``trainer.json``, so bad input fails before the model loads.
+    """
+    path = resolve_checkpoint(args.model, args.checkpoint)
+    if path is not None and any(get_method(m).inserts_gists for m in methods):
+        trained = checkpoint_ratios(path)
+        missing = [ratio for ratio in ratios if ratio not in trained]
+        if missing:
+            raise InvalidInputError(
+                f"checkpoint {path} was trained for ratios {trained}, not {missing}; pass --ratio {trained[0]} "
+                "or --checkpoint none for the untrained model"
+            )
+    if args.prefill is None:
+        args.prefill = "gist" if path is not None else "dense"
 
 
 def _number_list(text: str | None, option: str, cast=int) -> list | None:
@@ -325,6 +351,7 @@ def run_eval_command(args) -> int:
         raise InvalidInputError(f"--limit must be at least 1, got {args.limit}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise InvalidInputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    _resolve_prefill(args, _ratio_labels(args.ratio), _names(args.method))
     task_options = {}
     for name, cast in (("lengths", int), ("depths", float)):
         values = _number_list(getattr(args, name), f"--{name}", cast)
@@ -376,6 +403,7 @@ def run_explain_command(args) -> int:
 
     context, name = read_context(args.context)
     question = _question(args.question, name)
+    _resolve_prefill(args, [str(args.ratio)], [args.method])
     spec = GistSpec(chunk_size=args.ratio)
     config = GSAConfig(spec=spec, method=args.method, prefill=args.prefill)
     generator = _load_generator(args)

@@ -148,8 +148,11 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
         shutil.rmtree(old)
 
 
-def load_checkpoint(path: str | Path, with_state: bool = True) -> Checkpoint:
-    """Verify and read a checkpoint folder (or a run folder, meaning its latest checkpoint)."""
+def load_checkpoint(path: str | Path, with_state: bool = True, weights: bool = True) -> Checkpoint:
+    """Verify and read a checkpoint folder (or a run folder, meaning its latest checkpoint).
+
+    ``weights=False`` reads only ``trainer.json`` (still verified), leaving ``weights`` empty.
+    """
     path = Path(path)
     if path.is_dir() and not (path / MANIFEST).exists():
         found = latest_checkpoint(path)
@@ -170,9 +173,9 @@ def load_checkpoint(path: str | Path, with_state: bool = True) -> Checkpoint:
                 "use an earlier checkpoint or retrain"
             )
     trainer = _read_json(path / TRAINER, path)
-    weights = load_file(str(path / WEIGHTS))
-    state = load_file(str(path / STATE)) if with_state and (path / STATE).is_file() else None
-    return Checkpoint(path, weights, trainer, state)
+    tensors = load_file(str(path / WEIGHTS)) if weights else {}
+    state = load_file(str(path / STATE)) if with_state and weights and (path / STATE).is_file() else None
+    return Checkpoint(path, tensors, trainer, state)
 
 
 def _read_json(file: Path, checkpoint: Path) -> dict:
