@@ -44,6 +44,8 @@ def run_train(args) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     result = train(config, resume=args.resume, max_steps=args.max_steps)
+    if not result.main_process:
+        return 0
     print(json.dumps({
         "out_dir": str(result.out_dir), "step": result.step, "loss": result.last_loss,
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,

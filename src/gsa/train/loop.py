@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from gsa.config import GSAConfig
 from gsa.errors import InvalidInputError
-from gsa.layout import GistSpec
+from gsa.layout import GistSpec, parse_ratio
 from gsa.train import batches
 from gsa.train.checkpoint import (
     check_compatible, latest_checkpoint, load_checkpoint, mark_latest, prune_checkpoints, save_checkpoint,
@@ -47,16 +47,21 @@ class TrainResult:
     last_loss: float
     checkpoint: Path | None
     history: list[dict] = field(default_factory=list)
+    main_process: bool = True  # False on the other ranks of a multi-process run
 
 
 def layout_spec(ratio: str, model: TrainConfig) -> GistSpec:
-    """Return the gist layout of one ratio string (``"16"``; ``"4x4"`` for two levels)."""
-    parts = ratio.lower().split("x")
-    if not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise InvalidInputError(f"ratio {ratio!r} is not valid; write a chunk size such as 16, or 4x4 for two levels")
-    if len(parts) > 1:
-        raise InvalidInputError(f"ratio {ratio!r}: multi-level training is not available yet; use a one-level ratio such as 16")
-    return GistSpec(chunk_size=int(parts[0]), sinks=model.model.sinks, window_chunks=model.model.window_chunks)
+    """Return the gist layout of one ratio string: ``"16"`` for one level, ``"4x4"`` for two.
+
+    Sinks and the local window come from the config's model section.
+    """
+    sizes = parse_ratio(ratio, "model.ratios")
+    return GistSpec.from_sizes(sizes, sinks=model.model.sinks, window_chunks=model.model.window_chunks)
+
+
+def gist_levels(specs: dict[str, GistSpec]) -> int:
+    """Return the gist levels the deepest layout needs: one gist token is trained per level."""
+    return max(spec.num_levels for spec in specs.values())
 
 
 def lr_factor(step: int, steps: int, warmup_fraction: float) -> float:
@@ -92,6 +97,8 @@ class Trainer:
         self.config = config
         self.out_dir = Path(config.run.out_dir)
         self.specs = {ratio: layout_spec(ratio, config) for ratio in config.model.ratios}
+        self.levels = gist_levels(self.specs)
+        check_distill_levels(config.distill.weight, self.specs)
         # Without an accelerator, cpu=True makes accelerate join several launched processes over gloo.
         self.accelerator = Accelerator(
             mixed_precision=_mixed_precision(config.optim.precision), cpu=not torch.accelerator.is_available()
@@ -99,7 +106,7 @@ class Trainer:
         torch.manual_seed(config.run.seed)
 
         model, self.tokenizer, self.gist_ids, self.fingerprint = prepare_model(
-            config.model.base, levels=1, adapter=config.adapter
+            config.model.base, levels=self.levels, adapter=config.adapter
         )
         if config.run.init_from:
             self._init_weights(model, Path(config.run.init_from))
@@ -149,7 +156,7 @@ class Trainer:
 
             plot_loss(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
         last = self.history[-1]["loss"] if self.history else float("nan")
-        return TrainResult(self.out_dir, self.step, last, last_saved, self.history)
+        return TrainResult(self.out_dir, self.step, last, last_saved, self.history, self.is_main)
 
     def _optimizer_step(self) -> dict:
         """Accumulate ``grad_accum`` micro-batches, clip, step; log one line and one JSON record."""
@@ -213,7 +220,7 @@ class Trainer:
     def trainer_record(self) -> dict:
         return {
             "step": self.step, "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed,
-            "config": self.config.to_dict(), "ratios": list(self.config.model.ratios), "levels": 1,
+            "config": self.config.to_dict(), "ratios": list(self.config.model.ratios), "levels": self.levels,
             "base": self.config.model.base, "base_fingerprint": self.fingerprint,
             "gist_tokens": self.tokenizer.convert_ids_to_tokens(self.gist_ids), "gist_ids": list(self.gist_ids),
             "world_size": self.accelerator.num_processes,
