@@ -380,3 +380,29 @@ def test_eval_settings_record_ratio_sizes(tmp_path):
     settings = EvalSettings(task="passkey", method="gsa", ratio="4x4", out=tmp_path)
     assert settings.gsa_config().spec.chunk_sizes == (4, 4)
     assert settings.run_dir.name == "passkey__gsa__r4x4"
+
+
+def test_explain_ratio_levels(monkeypatch, tmp_path, tiny_model_dir, text_file):
+    from gsa.eval import explain as explain_module
+
+    seen = {}
+    real_explain = explain_module.explain
+
+    def recording_explain(generator, context, question, config, max_new_tokens, prefix):
+        seen["config"] = config
+        return real_explain(generator, context, question, config, max_new_tokens, prefix)
+
+    monkeypatch.setattr(explain_module, "explain", recording_explain)
+    code = cli.main(["explain", "--model", str(tiny_model_dir), "--context", str(text_file), "--question", QUESTION,
+                     "--ratio", "2X2", "--max-new-tokens", "2", "--out", str(tmp_path / "trace")])
+    assert code == 0
+    assert seen["config"].spec.chunk_sizes == (2, 2)
+    assert seen["config"].ratio == 4
+    assert (tmp_path / "trace.png").stat().st_size > 0
+    assert (tmp_path / "trace.html").stat().st_size > 0
+
+
+def test_explain_ratio_invalid(capsys, tmp_path):
+    code = cli.main(["explain", "--ratio", "4x0", "--out", str(tmp_path / "trace")])
+    _, err = capsys.readouterr()
+    assert_usage_error(code, err, "--ratio", "got 4x0")

@@ -354,3 +354,41 @@ def test_render_png_no_steps_error(tmp_path: Path):
     trace = RecallTrace(chunks=["a"], steps=[], recall=[], question="q", answer="", method="gsa", ratio=4)
     with pytest.raises(InvalidInputError, match="0 steps"):
         render_png(trace, tmp_path / "trace.png")
+
+
+def test_report_levels_get_own_columns(tmp_path: Path):
+    write_run(tmp_path, "gsa-8-old", ratio=8, score=0.4)  # written before ratio_sizes existed
+    write_run(tmp_path, "gsa-16", ratio=16, ratio_sizes="16", score=0.3)
+    write_run(tmp_path, "gsa-4x4", ratio=16, ratio_sizes="4x4", score=0.2, mean_attended_kv_fraction=0.05)
+    write_run(tmp_path, "gsa-4x4-passkey", needle_predictions(), task="passkey", metric="accuracy", n=11,
+              ratio=16, ratio_sizes="4x4", score=0.5)
+    report = build_report(tmp_path)
+    markdown = report.read_text(encoding="utf-8")
+    table = table_lines(markdown, "## qa_f1")
+    assert table[0] == "| task | n | gsa @8x | gsa @16x | gsa @16x (4x4) |"
+    assert table[2] == "| longbench:qasper | 12 | 0.400 (7.0%) | 0.300 (7.0%) | 0.200 (5.0%) |"
+    assert (report.parent / "needle_passkey_gsa_4x4.png").is_file()
+    assert (report.parent / "score_vs_ratio_longbench-qasper.png").is_file()
+
+
+def test_report_same_sizes_deduplicated(tmp_path: Path, caplog):
+    old = write_run(tmp_path, "a-old", ratio=16, ratio_sizes="4X4", score=0.1)
+    write_run(tmp_path, "b-new", ratio=16, ratio_sizes="4x4", score=0.2)
+    os.utime(old / "summary.json", (1_000_000, 1_000_000))
+    with caplog.at_level(logging.WARNING, logger="gsa.eval.report"):
+        markdown = build_report(tmp_path).read_text(encoding="utf-8")
+    assert table_lines(markdown, "## qa_f1")[2] == "| longbench:qasper | 12 | 0.200 (7.0%) |"
+    assert len(caplog.records) == 1
+
+
+@pytest.mark.parametrize(("sizes", "reason"), [("4x8", "does not multiply to the ratio 16"),
+                                               ("4y4", "ratio_sizes must be a chunk size"),
+                                               (16, "ratio_sizes must be a string")])
+def test_report_skips_bad_ratio_sizes(tmp_path: Path, caplog, sizes, reason):
+    write_run(tmp_path, "bad", ratio=16, ratio_sizes=sizes)
+    write_run(tmp_path, "good", ratio=8)
+    with caplog.at_level(logging.WARNING, logger="gsa.eval.report"):
+        markdown = build_report(tmp_path).read_text(encoding="utf-8")
+    assert len(caplog.records) == 1
+    assert reason in caplog.records[0].getMessage()
+    assert table_lines(markdown, "## qa_f1")[0] == "| task | n | gsa @8x |"

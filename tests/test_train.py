@@ -22,7 +22,9 @@ from gsa.config import GSAConfig
 from gsa.errors import InvalidInputError
 from gsa.layout import GistSpec, TokenKind
 from gsa.train.checkpoint import check_compatible, load_checkpoint, save_checkpoint
-from gsa.train.config import AdapterSection, DataSection, ModelSection, OptimSection, RunSection, TrainConfig
+from gsa.train.config import (
+    AdapterSection, DataSection, DistillSection, ModelSection, OptimSection, RunSection, TrainConfig,
+)
 from gsa.train.data import (
     IGNORE, collate_examples, corpus_tokens, is_heldout, pack, pretrain_example, task_example,
 )
@@ -57,11 +59,15 @@ def tiny_config(tmp_path: Path, model_dir: Path, **optim) -> TrainConfig:
 # --- targets -------------------------------------------------------------------------------------
 
 
+LEVEL_GIST_IDS = [GIST_ID, GIST_ID - 1, GIST_ID - 2]
+
+
+@pytest.mark.parametrize("sizes", [(5,), (2, 2), (2, 3, 2)])
 @pytest.mark.parametrize("length", [17, 40, 64])
-def test_pretrain_targets_skip_gists(length):
-    window = list(range(100, 100 + length + 1))
-    spec = GistSpec(chunk_size=5, sinks=2)
-    example = pretrain_example(window, GIST_ID, spec)
+def test_pretrain_targets_skip_gists(length, sizes):
+    window = list(range(1000, 1000 + length + 1))  # ids above the gist ids, so no raw token equals a gist
+    spec = GistSpec.from_sizes(sizes, sinks=2)
+    example = pretrain_example(window, LEVEL_GIST_IDS[: len(sizes)], spec)
 
     # Reference: walk the columns; a non-gist column predicts the next non-gist input, or the
     # window's extra last token at the end.
@@ -72,6 +78,32 @@ def test_pretrain_targets_skip_gists(length):
         expected[column] = seq.input_ids[raw_columns[n + 1]] if n + 1 < len(raw_columns) else window[-1]
     assert example.targets == expected
     assert sorted(t for t in example.targets if t != IGNORE) == window[1:]
+    gist_columns = [i for i, k in enumerate(seq.kind) if k == TokenKind.GIST]
+    assert all(example.targets[i] == IGNORE for i in gist_columns)
+    assert not set(LEVEL_GIST_IDS) & set(example.targets)
+    if length == 64:  # long enough for a gist of every level
+        assert sorted(set(seq.level)) == list(range(len(sizes) + 1))
+
+
+@pytest.mark.parametrize("sizes", [(2, 2), (2, 3, 2)])
+def test_task_targets_multi_level(sizes):
+    context, prompt, answer = list(range(10, 60)), [7, 8, 9], [3, 4, 5]
+    spec = GistSpec.from_sizes(sizes, sinks=2)
+    example = task_example(context, prompt, answer, LEVEL_GIST_IDS[: len(sizes)], spec, context_loss=True)
+    seq = example.sequence
+    assert max(seq.level) == len(sizes)
+
+    # Reference: every raw token but the first is predicted once, by the raw column before it.
+    stream = context + prompt + answer
+    raw_columns = [i for i, k in enumerate(seq.kind) if k != TokenKind.GIST]
+    assert [seq.input_ids[i] for i in raw_columns] == stream
+    expected = [IGNORE] * len(seq)
+    for n, column in enumerate(raw_columns[:-1]):
+        next_index = n + 1
+        if next_index < len(context) or next_index >= len(context) + len(prompt):
+            expected[column] = stream[next_index]
+    assert example.targets == expected
+    assert all(example.targets[i] == IGNORE for i, k in enumerate(seq.kind) if k == TokenKind.GIST)
 
 
 def test_pack_predicts_each_token_once():
@@ -120,16 +152,19 @@ def test_lr_schedule_values():
 # --- the training forward equals cached inference ------------------------------------------------
 
 
+@pytest.mark.parametrize("sizes", [(4,), (2, 2), (2, 2, 2)])
 @pytest.mark.parametrize("top_k", [1, None])
-def test_train_forward_matches_cached_inference(top_k):
+def test_train_forward_matches_cached_inference(top_k, sizes):
     model = make_model("llama", heads=6, kv_heads=2)
-    spec = GistSpec(chunk_size=4, sinks=2)
+    spec = GistSpec.from_sizes(sizes, sinks=2)
+    gist_ids = LEVEL_GIST_IDS[: len(sizes)]
     generator = torch.Generator().manual_seed(0)
     examples = [
-        task_example(torch.randint(1, 100, (n,), generator=generator).tolist(), [5, 6], [7, 8, 9], GIST_ID, spec)
+        task_example(torch.randint(1, 90, (n,), generator=generator).tolist(), [5, 6], [7, 8, 9], gist_ids, spec)
         for n in (37, 22)
     ]
     batch = collate_examples(examples, pad_id=0)
+    assert int(batch.batch.level.max()) == len(sizes)
     config = GSAConfig(spec=spec, top_k=top_k)
 
     with torch.no_grad():
@@ -225,6 +260,90 @@ def test_trained_checkpoint_loads_for_inference(tmp_path, tiny_model_dir):
         load_trained_model(config.run.out_dir, ["16"])
 
 
+def assert_reload_matches(trainer: Trainer, out_dir: str, ratio: str) -> dict:
+    """Reload the run's last checkpoint with load_trained_model; its logits must equal the trainer's."""
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    layout = trainer.source.micro_batch(0, 0, 0, 1)[0].batch
+    gsa = GSAConfig(spec=trainer.specs[ratio])
+    with torch.no_grad():
+        expected = model(input_ids=layout.input_ids, position_ids=layout.position_ids,
+                         gist_batch=layout, gsa_config=gsa).logits
+        loaded, tokenizer, record = load_trained_model(out_dir, [ratio])
+        actual = loaded(input_ids=layout.input_ids, position_ids=layout.position_ids,
+                        gist_batch=layout, gsa_config=gsa).logits
+    assert int(layout.level.max()) == trainer.specs[ratio].num_levels
+    assert tokenizer.convert_tokens_to_ids(record["gist_tokens"]) == record["gist_ids"]
+    assert relative_error(actual, expected) < 1e-5
+    return record
+
+
+def gist_rows(trainer: Trainer) -> torch.Tensor:
+    """The input embedding rows of the trainer's gist tokens, (levels, hidden)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    with torch.no_grad():
+        ids = torch.tensor(trainer.gist_ids)
+        return model.get_input_embeddings()(ids).detach().clone()
+
+
+def test_two_level_pretrain_saves_and_reloads(tmp_path, tiny_model_dir):
+    config = tiny_config(tmp_path, tiny_model_dir, steps=2, grad_accum=1)
+    config.model.ratios = ["8", "4x4"]
+    config.validate()
+    trainer = Trainer(config)
+    before = gist_rows(trainer)
+    trainer.run()
+    after = gist_rows(trainer)
+
+    assert trainer.levels == 2
+    assert len(trainer.gist_ids) == 2
+    assert not torch.equal(before[1], after[1])  # LoRA trains the level-2 gist row too
+    record = assert_reload_matches(trainer, config.run.out_dir, "4x4")
+    assert record["levels"] == 2
+    assert record["ratios"] == ["8", "4x4"]
+    with pytest.raises(InvalidInputError, match="trained for ratios"):
+        load_trained_model(config.run.out_dir, ["4x2"])
+
+
+def finetune_config(tmp_path: Path, model_dir: Path, data_dir: Path, ratio: str) -> TrainConfig:
+    return TrainConfig(
+        model=ModelSection(base=str(model_dir), ratios=[ratio]),
+        data=DataSection(
+            dir=str(data_dir), stage="finetune", tasks={"passkey": 1.0}, num_samples=4, context_tokens=[100, 160],
+            filler="corpus/python-3.11-docs.jsonl.gz", heldout_fraction=0.0,
+        ),
+        adapter=AdapterSection(kind="full"),
+        optim=OptimSection(steps=2, lr=1e-3, batch_size=2),
+        run=RunSection(out_dir=str(tmp_path / "run"), save_every=2, seed=1),
+        distill=DistillSection(weight=0.5),
+    )
+
+
+def test_two_level_finetune_saves_and_reloads(tmp_path, tiny_model_dir, fixture_dir):
+    config = finetune_config(tmp_path, tiny_model_dir, fixture_dir, "4X4")
+    config.validate()
+    assert config.model.ratios == ["4x4"]
+    trainer = Trainer(config)
+    result = trainer.run()
+
+    assert result.step == 2
+    assert all(math.isfinite(r["loss"]) and r["distill"] > 0 for r in result.history)
+    layout = trainer.source.micro_batch(0, 0, 0, 1)[0].batch
+    assert layout.suffix_index.shape[1] > 0
+    record = assert_reload_matches(trainer, config.run.out_dir, "4x4")
+    assert record["levels"] == 2
+
+
+def test_init_from_other_level_count_raises(tmp_path, tiny_model_dir):
+    first = tiny_config(tmp_path, tiny_model_dir, steps=1, grad_accum=1)
+    train(first)
+    second = tiny_config(tmp_path, tiny_model_dir, steps=1, grad_accum=1)
+    second.model.ratios = ["4x4"]
+    second.run.out_dir = str(tmp_path / "second")
+    second.run.init_from = first.run.out_dir
+    with pytest.raises(InvalidInputError, match="gist tokens for 1 level"):
+        Trainer(second)
+
+
 def test_two_processes_hold_same_weights(tmp_path, tiny_model_dir):
     config = tmp_path / "ddp.toml"
     corpus = corpus_file(tmp_path)
@@ -266,7 +385,8 @@ def write_toml(path: Path, text: str) -> Path:
         ('[optim]\nsteps = "many"\n', r"steps has the wrong type: got 'many', expected int"),
         ('[optim]\nsteps = 0\n', r"optim.steps must be at least 1"),
         ('[adapter]\nkind = "qlora"\n', r"adapter.kind 'qlora' is not valid"),
-        ('[model]\nratios = ["4y"]\n', r"ratio '4y' is not valid"),
+        ('[model]\nratios = ["4y"]\n', r"model.ratios must be a chunk size .*; got 4y"),
+        ('[model]\nratios = ["4x0"]\n', r"model.ratios must be a chunk size .*; got 4x0"),
         ('[data]\ntasks = {squad = 1.0}\n', r"unknown data.tasks"),
         ('not toml [', r"could not be parsed"),
     ],
@@ -321,6 +441,23 @@ def test_cli_trains_and_overrides(tmp_path, capsys, tiny_model_dir):
     assert record["config"]["optim"]["steps"] == 2
 
 
+def test_cli_loss_two_levels(tmp_path, capsys, tiny_model_dir):
+    corpus = corpus_file(tmp_path, documents=12, words=300)
+    args = ["loss", "--model", str(tiny_model_dir), "--data-dir", str(tmp_path), "--corpus", corpus.name,
+            "--methods", "gsa,full", "--ratio", "4X4", "--seq-len", "64", "--sequences", "2", "--heldout-fraction", "0.3"]
+    assert main(args) == 0
+    gsa, full = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
+    assert (gsa["method"], gsa["ratio"], gsa["ratio_sizes"]) == ("gsa", 16, "4x4")
+    assert (full["ratio"], full["ratio_sizes"]) == (None, None)
+    assert gsa["tokens"] == full["tokens"] == 64 * gsa["sequences"]
+    assert gsa["loss"] != full["loss"]
+
+
+def test_cli_loss_bad_ratio(tmp_path, capsys, tiny_model_dir):
+    assert main(["loss", "--model", str(tiny_model_dir), "--ratio", "4x"]) == 2
+    assert "--ratio must be a chunk size" in capsys.readouterr().err
+
+
 # --- router distillation -------------------------------------------------------------------------
 
 
@@ -359,14 +496,16 @@ def naive_distill(student, teacher, batch, plain, chunk, spec, temperature):
     return sum(per_layer) / len(per_layer)
 
 
-def test_distill_loss_matches_loops():
+@pytest.mark.parametrize("sizes", [(4,), (2, 2), (2, 2, 2)])
+def test_distill_loss_matches_loops(sizes):
     from gsa.train.distill import Recorder, distill_loss, selecting_layers, teacher_batch
 
     model = make_model("llama", heads=6, kv_heads=2)
-    spec = GistSpec(chunk_size=4, sinks=2)
+    spec = GistSpec.from_sizes(sizes, sinks=2)
     generator = torch.Generator().manual_seed(2)
+    gist_ids = LEVEL_GIST_IDS[: len(sizes)]
     examples = [
-        task_example(torch.randint(1, 100, (n,), generator=generator).tolist(), [5, 6], [7, 8, 9], GIST_ID, spec)
+        task_example(torch.randint(1, 90, (n,), generator=generator).tolist(), [5, 6], [7, 8, 9], gist_ids, spec)
         for n in (41, 26)
     ]
     batch = collate_examples(examples, pad_id=0).batch

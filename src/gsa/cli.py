@@ -111,7 +111,8 @@ def _add_eval_parsers(commands) -> None:
     explain.add_argument("--question", help="question to answer (default with the sample document: its first sample question)")
     explain.add_argument("--model", help="local model directory or .gguf file")
     explain.add_argument("--method", default="gsa", help="a registered method name (default gsa)")
-    explain.add_argument("--ratio", type=int, default=16, help="compression ratio (default 16)")
+    explain.add_argument("--ratio", default="16", help="compression ratio: the chunk size C in tokens, or one chunk size "
+                         "per gist level joined by x, such as 4x4 (16x) (default 16)")
     explain.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     explain.add_argument("--prefill", choices=PREFILLS, help="gist or dense (default: gist with a trained checkpoint, "
                          "else dense)")
@@ -403,9 +404,9 @@ def run_explain_command(args) -> int:
 
     context, name = read_context(args.context)
     question = _question(args.question, name)
-    _resolve_prefill(args, [str(args.ratio)], [args.method])
-    spec = GistSpec(chunk_size=args.ratio)
-    config = GSAConfig(spec=spec, method=args.method, prefill=args.prefill)
+    sizes = parse_ratio(args.ratio)
+    _resolve_prefill(args, [format_ratio(sizes)], [args.method])
+    config = GSAConfig(spec=GistSpec.from_sizes(sizes), method=args.method, prefill=args.prefill)
     generator = _load_generator(args)
     png, html = explain(generator, context, question, config, args.max_new_tokens, Path(args.out))
     print(png)

@@ -75,6 +75,10 @@ class Tiers:
         stored only in the rows where the new chunk completes a level-l section. Returns a
         (B, levels) mask of the rows and levels that gained a gist. Tensors that other
         code holds are not changed: every tier that grows is a new tensor.
+
+        NOTE: a growing tier is copied whole, so one append costs O(N). Growing by doubling a spare
+        capacity would make it O(1) amortised, but forks share these tensors and consumers read N
+        from their shapes. No decode path calls this yet: generated tokens go to the recent tier.
         """
         if self.store is not None:
             raise NotImplementedError("append_chunk needs the raw chunks on the device; use raw_tier='device'")

@@ -1,9 +1,14 @@
 """Summarise a folder of evaluation runs as markdown tables and matplotlib figures (``gsa report DIR``).
 
 The runner writes one folder per run under ``DIR``. Each folder has a ``summary.json`` (task, method,
-ratio, sample count, mean score, metric, mean attended KV fraction, optional routing diagnostics) and
+ratio, ratio_sizes, sample count, mean score, metric, mean attended KV fraction, optional routing
+diagnostics) and
 a ``predictions.jsonl`` with one scored sample per line. :func:`build_report` reads every run, skips
 malformed ones with a logged warning, and writes ``report.md`` plus PNG figures into one folder.
+
+Runs are told apart by their chunk sizes (``ratio_sizes``: ``16``, ``4x4``), not only by the
+ratio, because a one-level 16 and a two-level 4x4 run have the same ratio but differ. Summaries
+written before ``ratio_sizes`` existed fall back to the ratio as a one-level chunk size.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 
 from gsa.errors import InvalidInputError
 from gsa.eval.task_io import read_jsonl
+from gsa.layout import format_ratio, parse_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -57,19 +63,35 @@ class Run:
     model: str = ""
     diagnostics: dict[str, float] = field(default_factory=dict)
     predictions: list[dict] = field(default_factory=list)
+    ratio_sizes: str | None = None  # chunk sizes per level such as "4x4"; None for full attention
 
     @property
     def label(self) -> str:
-        return column_label(self.method, self.ratio)
+        return column_label(self.method, self.ratio, self.ratio_sizes)
+
+    @property
+    def column(self) -> tuple[str, str | None]:
+        """The (method, chunk sizes) pair that names this run's table column."""
+        return self.method, self.ratio_sizes
+
+    @property
+    def sort_key(self) -> tuple:
+        return method_sort_key(self.method, self.ratio, self.ratio_sizes)
 
     @property
     def is_needle(self) -> bool:
         return is_needle_task(self.task)
 
 
-def column_label(method: str, ratio: float | None) -> str:
-    """Return the column label of a method and ratio, such as ``gsa @16x``, or the bare method without a ratio."""
-    return method if ratio is None else f"{method} @{ratio:g}x"
+def column_label(method: str, ratio: float | None, sizes: str | None = None) -> str:
+    """Return the column label of a method and ratio, such as ``gsa @16x``, or the bare method without a ratio.
+
+    Chunk sizes of several levels follow the ratio: ``gsa @16x (4x4)``.
+    """
+    if ratio is None:
+        return method
+    label = f"{method} @{ratio:g}x"
+    return f"{label} ({sizes})" if sizes is not None and "x" in sizes else label
 
 
 def is_needle_task(task: str) -> bool:
@@ -77,10 +99,12 @@ def is_needle_task(task: str) -> bool:
     return any(part in NEEDLE_TASKS for part in task.split(":"))
 
 
-def method_sort_key(method: str, ratio: float | None) -> tuple:
-    """Build the key that orders columns: METHOD_ORDER first, other methods by name, then by ratio."""
+def method_sort_key(method: str, ratio: float | None, sizes: str | None = None) -> tuple:
+    """Build the key that orders columns: METHOD_ORDER first, other methods by name, then by ratio,
+    then by level count (one level first) and chunk sizes."""
     rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-    return (rank, method, -1.0 if ratio is None else ratio)
+    levels = 0 if sizes is None else sizes.count("x") + 1
+    return (rank, method, -1.0 if ratio is None else ratio, levels, sizes or "")
 
 
 def format_significant(value: float, digits: int = 3) -> str:
@@ -145,9 +169,10 @@ def read_summary(path: Path) -> Run:
         raise InvalidInputError(f"{path}: expected a JSON object, got {type(summary).__name__}")
 
     method = _require_text(summary, "method", path)
-    ratio = None
+    ratio, sizes = None, None
     if method != FULL:
         ratio = _require_number(summary, "ratio", path, minimum=1)
+        sizes = _read_ratio_sizes(summary, ratio, path)
     n = summary.get("n")
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise InvalidInputError(f"{path}: n must be a non-negative integer, got {n!r}")
@@ -165,7 +190,21 @@ def read_summary(path: Path) -> Run:
         seconds=float(seconds) if _is_finite_number(seconds) else None,
         model=summary.get("model") if isinstance(summary.get("model"), str) else "",
         diagnostics=_read_diagnostics(summary, path),
+        ratio_sizes=sizes,
     )
+
+
+def _read_ratio_sizes(summary: dict, ratio: float, path: Path) -> str:
+    """Return the run's chunk sizes as ``16`` or ``4x4``; without ``ratio_sizes``, the ratio itself."""
+    text = summary.get("ratio_sizes")
+    if text is None:
+        return f"{ratio:g}"
+    if not isinstance(text, str):
+        raise InvalidInputError(f"{path}: ratio_sizes must be a string such as 16 or 4x4, got {text!r}")
+    sizes = parse_ratio(text, "ratio_sizes")
+    if math.prod(sizes) != ratio:
+        raise InvalidInputError(f"{path}: ratio_sizes {text!r} does not multiply to the ratio {ratio:g}")
+    return format_ratio(sizes)
 
 
 def read_predictions(path: Path) -> list[dict]:
@@ -201,10 +240,10 @@ def _written_at(run: Run) -> tuple[float, str]:
 
 
 def _deduplicate(runs: list[Run]) -> list[Run]:
-    """Keep one run per (model, task, method, ratio): the one whose summary.json was written last."""
+    """Keep one run per (model, task, method, chunk sizes): the one whose summary.json was written last."""
     latest: dict[tuple, Run] = {}
     for run in runs:
-        key = (run.model, run.task, run.method, run.ratio)
+        key = (run.model, run.task, *run.column)
         previous = latest.get(key)
         if previous is None:
             latest[key] = run
@@ -219,7 +258,7 @@ def _deduplicate(runs: list[Run]) -> list[Run]:
 def load_runs(results_dir: Path, exclude: Path | None = None) -> tuple[list[Run], list[tuple[Path, str]]]:
     """Read every run folder directly under ``results_dir``.
 
-    Returns the valid runs (one per model, task, method and ratio) and ``(folder, reason)`` for each
+    Returns the valid runs (one per model, task, method and chunk sizes) and ``(folder, reason)`` for each
     skipped folder. Each skipped folder is logged as one warning. ``exclude`` and any earlier report
     folder (one with report.md but no summary.json) are passed over silently.
     """
@@ -293,17 +332,21 @@ def _new_figure(width: float, height: float):
 
 
 def plot_score_vs_ratio(task: str, runs: list[Run], path: Path) -> None:
-    """Draw the score of each method against the compression ratio on a log2 axis; full is a dashed line."""
+    """Draw the score of each method against the compression ratio on a log2 axis; full is a dashed line.
+
+    Each method gets one line per gist level count, so a one-level 16 and a two-level 4x4 run are
+    separate points.
+    """
     figure = _new_figure(6.4, 4.2)
     axes = figure.add_subplot()
-    by_method: dict[str, list[Run]] = {}
-    for run in sorted(runs, key=lambda r: method_sort_key(r.method, r.ratio)):
-        by_method.setdefault(run.method, []).append(run)
-    for method, method_runs in by_method.items():
-        if method == FULL:
-            axes.axhline(method_runs[0].score, linestyle="--", color="black", label=FULL)
+    by_line: dict[str, list[Run]] = {}
+    for run in sorted(runs, key=lambda r: r.sort_key):
+        by_line.setdefault(_line_label(run), []).append(run)
+    for label, line_runs in by_line.items():
+        if line_runs[0].method == FULL:
+            axes.axhline(line_runs[0].score, linestyle="--", color="black", label=FULL)
             continue
-        axes.plot([r.ratio for r in method_runs], [r.score for r in method_runs], marker="o", label=method)
+        axes.plot([r.ratio for r in line_runs], [r.score for r in line_runs], marker="o", label=label)
 
     ratios = sorted({r.ratio for r in runs if r.ratio is not None})
     axes.set_xscale("log", base=2)
@@ -317,6 +360,12 @@ def plot_score_vs_ratio(task: str, runs: list[Run], path: Path) -> None:
     axes.grid(True, alpha=0.3)
     axes.legend()
     figure.savefig(path, dpi=PNG_DPI)
+
+
+def _line_label(run: Run) -> str:
+    """The legend entry of a run's line: the method, with the level count above one level."""
+    levels = 1 if run.ratio_sizes is None else run.ratio_sizes.count("x") + 1
+    return run.method if levels == 1 else f"{run.method} ({levels} levels)"
 
 
 def plot_needle(run: Run, path: Path) -> None:
@@ -352,14 +401,14 @@ def write_figures(runs: list[Run], out_dir: Path, suffix: str = "") -> dict[str,
     figures: dict[str, list[tuple[str, str]]] = {}
     for task in sorted({run.task for run in runs}):
         task_runs = [run for run in runs if run.task == task]
-        if len({run.ratio for run in task_runs if run.ratio is not None}) > 1:
+        if len({run.ratio_sizes for run in task_runs if run.ratio_sizes is not None}) > 1:
             name = f"score_vs_ratio_{safe_file_part(task)}{suffix}.png"
             plot_score_vs_ratio(task, task_runs, out_dir / name)
             figures.setdefault(task, []).append((f"{task}: score against compression ratio", name))
-        for run in sorted(task_runs, key=lambda r: method_sort_key(r.method, r.ratio)):
+        for run in sorted(task_runs, key=lambda r: r.sort_key):
             if not run.is_needle:
                 continue
-            ratio_part = "" if run.ratio is None else f"_{run.ratio:g}"
+            ratio_part = "" if run.ratio_sizes is None else f"_{run.ratio_sizes}"
             name = f"needle_{safe_file_part(task)}_{safe_file_part(run.method)}{ratio_part}{suffix}.png"
             plot_needle(run, out_dir / name)
             figures.setdefault(task, []).append((f"{task}: {run.label} by context length and depth", name))
@@ -387,11 +436,14 @@ def _sample_count(runs: list[Run]) -> str:
 
 def score_table(runs: list[Run]) -> list[str]:
     """Build the markdown score table of one metric: a row per task, a column per method and ratio."""
-    columns = sorted({(run.method, run.ratio) for run in runs}, key=lambda c: method_sort_key(*c))
-    labels = [column_label(method, ratio) for method, ratio in columns]
+    first_runs = {}
+    for run in sorted(runs, key=lambda r: r.sort_key):
+        first_runs.setdefault(run.column, run)
+    columns = list(first_runs)
+    labels = [first_runs[column].label for column in columns]
     rows = []
     for task in sorted({run.task for run in runs}):
-        by_column = {(run.method, run.ratio): run for run in runs if run.task == task}
+        by_column = {run.column: run for run in runs if run.task == task}
         row = [task, _sample_count(list(by_column.values()))]
         for column in columns:
             run = by_column.get(column)
@@ -410,7 +462,7 @@ def diagnostics_table(runs: list[Run]) -> list[str]:
     names = [name for name in DIAGNOSTIC_HIGHER_IS_BETTER if name in present]
     names += sorted(present - set(DIAGNOSTIC_HIGHER_IS_BETTER))
     rows = []
-    for run in sorted(with_diagnostics, key=lambda r: (r.task, method_sort_key(r.method, r.ratio))):
+    for run in sorted(with_diagnostics, key=lambda r: (r.task, r.sort_key)):
         values = [run.diagnostics.get(name) for name in names]
         rows.append([run.task, run.label, *(MISSING_CELL if v is None else format_significant(v) for v in values)])
     lines = _markdown_table(["task", "method", *names], rows)

@@ -172,7 +172,6 @@ def summarize(settings: EvalSettings, samples: list[Sample], records: list[dict]
     else:
         score = sum(r["score"] for r in records) / len(records) if records else None
     summary = {
-        # NOTE: "ratio" is the product of the chunk sizes, so the report puts 16 and 4x4 in one column.
         "task": settings.task, "method": settings.method, "ratio": settings.gsa_config().ratio,
         "ratio_sizes": str(settings.ratio), "n": len(records),
         "total": len(samples), "score": score, "metric": metric,

@@ -31,7 +31,7 @@ class BatchSource:
 
     items: list  # token windows (list[int]) or TaskSample
     specs: dict[str, GistSpec]
-    gist_id: int
+    gist_ids: list[int]  # one per level, level 1 first; a layout takes as many as it has levels
     pad_id: int
     batch_size: int
     grad_accum: int
@@ -55,8 +55,8 @@ class BatchSource:
 
     def _example(self, item, spec: GistSpec):
         if isinstance(item, TaskSample):
-            return task_example(item.context_ids, item.prompt_ids, item.answer_ids, self.gist_id, spec)
-        return pretrain_example(item, self.gist_id, spec)
+            return task_example(item.context_ids, item.prompt_ids, item.answer_ids, self.gist_ids, spec)
+        return pretrain_example(item, self.gist_ids, spec)
 
 
 def build_source(config: TrainConfig, tokenizer, gist_ids: list[int], specs: dict[str, GistSpec]) -> BatchSource:
@@ -81,7 +81,7 @@ def build_source(config: TrainConfig, tokenizer, gist_ids: list[int], specs: dic
             config.run.seed,
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return BatchSource(items, specs, gist_ids[0], pad_id, config.optim.batch_size, config.optim.grad_accum, config.run.seed)
+    return BatchSource(items, specs, list(gist_ids), pad_id, config.optim.batch_size, config.optim.grad_accum, config.run.seed)
 
 
 def _data_path(data_dir: Path, name: str) -> Path:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gsa.errors import InvalidInputError
+from gsa.layout import format_ratio, parse_ratio
 
 STAGES = ("pretrain", "finetune")
 ADAPTERS = ("lora", "full")
@@ -44,8 +45,10 @@ class ModelSection:
 
     Attributes:
         base: ``smollm2-135m`` (the embedded default), a local model directory or a ``.gguf`` file.
-        ratios: compression ratios as chunk sizes in tokens, for example ``["16"]``. Several entries
-            are mixed within the run, one ratio drawn per optimiser micro-batch.
+        ratios: compression ratios, each a chunk size in tokens (``"16"``) or one chunk size per gist
+            level joined by x (``"4x4"``: two levels, 16x). Several entries are mixed within the
+            run, one ratio drawn per optimiser micro-batch; one gist token is trained per level of
+            the deepest ratio.
         sinks: leading tokens never chunked (tokens).
         window_chunks: previous chunks kept raw-visible to every token (chunks).
     """
@@ -189,12 +192,14 @@ class TrainConfig:
     distill: DistillSection = field(default_factory=DistillSection)
 
     def validate(self) -> None:
-        """Raise InvalidInputError for values outside their range."""
+        """Raise InvalidInputError for values outside their range, and normalise ``model.ratios``."""
         _choice("data.stage", self.data.stage, STAGES)
         _choice("adapter.kind", self.adapter.kind, ADAPTERS)
         _choice("optim.precision", self.optim.precision, PRECISIONS)
         if not self.model.ratios:
             raise InvalidInputError("model.ratios is empty; list at least one ratio, for example [\"16\"]")
+        # Written as parse_ratio reads them (lower case, no spaces), so checkpoints compare by string.
+        self.model.ratios = [format_ratio(parse_ratio(ratio, "model.ratios")) for ratio in self.model.ratios]
         for name, value in (
             ("data.seq_len", self.data.seq_len), ("data.num_samples", self.data.num_samples),
             ("adapter.rank", self.adapter.rank), ("optim.steps", self.optim.steps),

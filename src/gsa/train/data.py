@@ -1,9 +1,9 @@
 """Training examples: corpus readers, packing, gist insertion and loss targets.
 
 A training example is a gisted sequence plus a target per column: the id of the raw token that
-column should predict, or ``IGNORE`` for columns that predict nothing. Gists never predict and are
-never predicted, so the target of the last raw token of a chunk skips the gist that follows it and
-names the first raw token of the next chunk. Packed pretraining windows overlap by one token, so
+column should predict, or ``IGNORE`` for columns that predict nothing. Gists of every level never
+predict and are never predicted, so the target of the last raw token of a chunk skips the gists
+that follow it and names the first raw token of the next chunk. Packed pretraining windows overlap by one token, so
 every corpus token after the first is predicted exactly once.
 """
 
@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -25,6 +25,7 @@ from gsa.layout import GistBatch, GistedSequence, GistSpec, TokenKind, collate, 
 logger = logging.getLogger(__name__)
 
 IGNORE = -100  # the target of a column that predicts nothing (cross_entropy's ignore_index)
+GistIds = int | Sequence[int] | None  # one gist token, one per level (level 1 first), or none
 TEXT_FIELDS = ("text", "content", "body")
 
 
@@ -134,15 +135,19 @@ def check_seq_len(seq_len: int, spec: GistSpec) -> None:
         )
 
 
-def pretrain_example(window: list[int], gist_id: int, spec: GistSpec) -> Example:
-    """Gist a window of ``n + 1`` tokens: the first n are inputs, and each predicts its successor."""
+def pretrain_example(window: list[int], gist_id: GistIds, spec: GistSpec) -> Example:
+    """Gist a window of ``n + 1`` tokens: the first n are inputs, and each predicts its successor.
+
+    ``gist_id`` is the gist token, one token per level (level 1 first, as ``insert_gists`` takes
+    it), or None for no gists.
+    """
     sequence = insert_gists(window[:-1], [], gist_id, spec)
     raw_targets = window[1:]
     return Example(sequence, _raw_targets(sequence, raw_targets), spec)
 
 
 def task_example(
-    context_ids: list[int], prompt_ids: list[int], answer_ids: list[int], gist_id: int, spec: GistSpec,
+    context_ids: list[int], prompt_ids: list[int], answer_ids: list[int], gist_id: GistIds, spec: GistSpec,
     context_loss: bool = False,
 ) -> Example:
     """Gist a fine-tuning sample: the suffix is the prompt followed by the answer.
@@ -163,7 +168,7 @@ def task_example(
 
 
 def _raw_targets(sequence: GistedSequence, raw_targets: list[int]) -> list[int]:
-    """Spread per-raw-token targets over the gisted columns; gists get IGNORE."""
+    """Spread per-raw-token targets over the gisted columns; gists of every level get IGNORE."""
     targets = []
     raw_index = 0
     for kind in sequence.kind:

@@ -7,6 +7,11 @@ outside the local window), giving a target distribution p over chunks. The stude
 is the softmax of the gist scores q . k_gist * scale / temperature over the same chunks, taken from
 the gisted forward pass. The loss is KL(p || q), averaged over layers, heads and suffix queries.
 
+With several gist levels the same loss applies to level 1 only. Then p is the teacher mass per
+level-1 chunk and q the softmax of the level-1 gist scores over every level-1 chunk outside the
+window, although top-down selection scores only some of them. Gists above level 1 get no
+distillation target, and the teacher pass drops them like every other gist.
+
 Shape legend: B batch, H query heads, Hk KV heads, G = H / Hk, Tq suffix queries, S keys,
 N chunks, D head dim.
 """

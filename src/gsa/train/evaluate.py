@@ -25,18 +25,22 @@ logger = logging.getLogger(__name__)
 @dataclass
 class LossResult:
     method: str
-    ratio: int | None
+    ratio: int | None  # the compression ratio, the product of the chunk sizes; None without gists
     loss: float  # mean cross-entropy in nats per predicted token
     tokens: int
     sequences: int
+    ratio_sizes: str | None = None  # the chunk sizes of every level, as ``--ratio`` takes them (``4x4``)
 
 
 @torch.no_grad()
 def heldout_loss(
-    model, tokenizer, gist_id: int, corpus: list[Path], method: str, spec: GistSpec, seq_len: int = 1024,
-    sequences: int = 8, heldout_fraction: float = 0.05,
+    model, tokenizer, gist_ids: int | list[int], corpus: list[Path], method: str, spec: GistSpec,
+    seq_len: int = 1024, sequences: int = 8, heldout_fraction: float = 0.05,
 ) -> LossResult:
-    """Mean next-token loss over the first ``sequences`` held-out windows of each corpus file, in turn."""
+    """Mean next-token loss over the first ``sequences`` held-out windows of each corpus file, in turn.
+
+    ``gist_ids`` is the gist token, or one per level (level 1 first) for a multi-level ``spec``.
+    """
     if method not in ("gsa", "full"):
         raise InvalidInputError(f"held-out loss supports the methods gsa and full, got {method!r}")
     streams = corpus_tokens(corpus, tokenizer, "heldout", heldout_fraction, (seq_len + 1) * sequences + 1)
@@ -47,10 +51,14 @@ def heldout_loss(
 
     total, count = 0.0, 0
     for number, window in enumerate(windows, start=1):
-        example = pretrain_example(window, gist_id if method == "gsa" else None, spec)
+        example = pretrain_example(window, gist_ids if method == "gsa" else None, spec)
         batch = collate_examples([example], pad_id=0).to(model.device)
         loss, targets = token_loss(model, batch, config)
         total += float(loss) * targets
         count += targets
         logger.info("held-out window %d/%d: loss %.4f", number, len(windows), float(loss))
-    return LossResult(method, spec.chunk_size if method == "gsa" else None, total / count, count, len(windows))
+    gisted = method == "gsa"
+    return LossResult(
+        method, spec.ratio if gisted else None, total / count, count, len(windows),
+        spec.ratio_label if gisted else None,
+    )

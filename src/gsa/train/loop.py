@@ -98,7 +98,6 @@ class Trainer:
         self.out_dir = Path(config.run.out_dir)
         self.specs = {ratio: layout_spec(ratio, config) for ratio in config.model.ratios}
         self.levels = gist_levels(self.specs)
-        check_distill_levels(config.distill.weight, self.specs)
         # Without an accelerator, cpu=True makes accelerate join several launched processes over gloo.
         self.accelerator = Accelerator(
             mixed_precision=_mixed_precision(config.optim.precision), cpu=not torch.accelerator.is_available()
@@ -128,6 +127,13 @@ class Trainer:
     def _init_weights(self, model, path: Path) -> None:
         checkpoint = load_checkpoint(path, with_state=False)
         check_compatible(checkpoint.trainer, self.fingerprint, [], checkpoint.path)
+        levels = checkpoint.trainer.get("levels", 1)
+        if levels != self.levels:
+            raise InvalidInputError(
+                f"run.init_from: checkpoint {checkpoint.path} has gist tokens for {levels} level(s), but model.ratios "
+                f"{self.config.model.ratios} need {self.levels}; list ratios with the same deepest level count, "
+                "or leave run.init_from empty"
+            )
         load_trainable(model, checkpoint.weights, checkpoint.path)
         logger.info("initialised weights from %s", checkpoint.path)
 
