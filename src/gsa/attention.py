@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from gsa.config import GSAConfig
 from gsa.diagnostics import RouterProbe
 from gsa.errors import InvalidInputError
-from gsa.layout import GistBatch
+from gsa.layout import GistBatch, TokenKind
 from gsa.masks import and_masks, causal, dense_mask, padding, prefill_rule, sliding_window
 from gsa.ops.attend import keep_rows_finite
 from gsa.ops.naive import naive_masked_attention
@@ -33,7 +33,10 @@ from gsa.sparse import KeyCounts, selective_attention
 from gsa.tiers import Tiers, gather_columns, split_tiers
 
 ATTENTION_NAME = "gsa"
-QUERY_BLOCK = 1024  # prefill query rows masked at once, bounding the mask to (B, 1, 1024, S)
+QUERY_BLOCK = 256  # prefill query rows attended at once, so a block's mask has at most (B, 1, G * 256, S) entries
+
+# Maps the query columns [start, stop) of a block to a (B, S) boolean of the keys its rows may see.
+KeyCandidates = Callable[[int, int], torch.Tensor]
 
 
 @dataclass
@@ -137,7 +140,8 @@ def _prefill_attention(query, key, value, view: LayerView, scaling: float) -> to
     """Context queries under the gist (or causal) mask; suffix queries with selective unfolding."""
     config, batch = view.config, view.batch
     rule = prefill_rule(batch, config.prefill_mask)  # picks the multi-level rule when the batch has levels
-    out = masked_attention(query, key, value, rule, scaling, naive=config.impl == "naive")
+    candidates = prefill_candidates(batch, config.prefill_mask)
+    out = masked_attention(query, key, value, rule, scaling, naive=config.impl == "naive", candidates=candidates)
     if batch.suffix_index.shape[1] == 0:
         return out
 
@@ -156,27 +160,150 @@ def _prefill_attention(query, key, value, view: LayerView, scaling: float) -> to
     return out
 
 
-def masked_attention(query, key, value, rule, scaling: float, naive: bool = False, q_offset: int = 0) -> torch.Tensor:
+def masked_attention(
+    query, key, value, rule, scaling: float, naive: bool = False, q_offset: int = 0,
+    candidates: KeyCandidates | None = None, gather: bool = True, block_size: int = QUERY_BLOCK,
+) -> torch.Tensor:
     """Attend (B, H, T, D) queries at columns ``q_offset + t`` to (B, Hk, S, D) keys under ``rule``.
 
-    Query rows are masked in blocks of ``QUERY_BLOCK`` so the mask never holds T x S at once.
-    NOTE: fully masked blocks are still computed, so gist-mask prefill runs about 2x slower than
-    causal SDPA on the CPU; the FlexAttention ``block_mask`` of the same rule would skip them.
+    Query rows go in blocks of ``block_size``, so no mask holds T x S at once. With ``gather``
+    (the default) a block attends only to the keys that ``candidates`` allows it, a slice when
+    they are nearly contiguous and a per-row gather otherwise, and ``rule`` is evaluated on those
+    keys alone. ``candidates`` must allow every key that ``rule`` shows to a row of the block;
+    extra keys cost time, not accuracy. None allows every key, so each block runs at full width.
+    Under ``gist_candidates`` a block reads the sinks, the earlier gists and its local window, so
+    gist-mask prefill skips the raw keys the mask hides instead of computing and masking them.
+
+    ``gather=False`` (SDPA) and ``naive=True`` (Python loops) attend every block to all S keys:
+    they are the reference twins. All paths give the same output on each query row with at least
+    one visible key, and so the same gradients through such rows. A row with no visible key (left
+    padding) gets a finite output that differs between paths, which is harmless because training
+    excludes padding rows from the loss.
     """
-    batch, heads, length, _ = query.shape
+    length = query.shape[2]
     out = torch.empty_like(query)
-    for start in range(0, length, QUERY_BLOCK):
-        stop = min(start + QUERY_BLOCK, length)
-        mask = dense_mask(rule, batch, stop - start, key.shape[2], q_offset + start, device=query.device)
-        mask = keep_rows_finite(mask)
+    for start in range(0, length, block_size):
+        stop = min(start + block_size, length)
         block = query[:, :, start:stop]
-        if naive:
-            out[:, :, start:stop] = naive_masked_attention(block, key, value, mask, scaling)
+        if naive or not gather:
+            out[:, :, start:stop] = _attend_full_width(block, key, value, rule, scaling, q_offset + start, naive)
         else:
-            out[:, :, start:stop] = F.scaled_dot_product_attention(
-                block, key, value, attn_mask=mask, scale=scaling, enable_gqa=heads != key.shape[1]
-            )
+            allowed = candidates(q_offset + start, q_offset + stop) if candidates is not None else None
+            out[:, :, start:stop] = _attend_gathered_keys(block, key, value, rule, scaling, q_offset + start, allowed)
     return out
+
+
+def _attend_full_width(block, key, value, rule, scaling: float, q_start: int, naive: bool) -> torch.Tensor:
+    """Attend one query block to all S keys under the dense mask of ``rule``."""
+    batch, heads = block.shape[:2]
+    mask = dense_mask(rule, batch, block.shape[2], key.shape[2], q_start, device=block.device)
+    mask = keep_rows_finite(mask)
+    if naive:
+        return naive_masked_attention(block, key, value, mask, scaling)
+    return F.scaled_dot_product_attention(
+        block, key, value, attn_mask=mask, scale=scaling, enable_gqa=heads != key.shape[1]
+    )
+
+
+def _attend_gathered_keys(block, key, value, rule, scaling: float, q_start: int, allowed) -> torch.Tensor:
+    """Attend one (B, H, Tb, D) query block to the keys that ``allowed`` (B, S) marks, or to all keys."""
+    batch, heads, rows, dim = block.shape
+    kv_heads = key.shape[1]
+    if allowed is not None and allowed.shape != (batch, key.shape[2]):
+        raise ValueError(
+            f"key candidates have shape {tuple(allowed.shape)}, expected (B, S) = {(batch, key.shape[2])}; "
+            "build the candidates from the layout of the keys being attended"
+        )
+    columns, valid, window = _key_columns(allowed, key.shape[2], block.device)  # (B or 1, W) each
+    if window is not None:
+        sub_key, sub_value = key[:, :, window], value[:, :, window]  # views, no copy
+    elif columns.shape[0] == 1:
+        sub_key, sub_value = key[:, :, columns[0]], value[:, :, columns[0]]
+    else:
+        rows_of = torch.arange(batch, device=block.device)[:, None]
+        sub_key = key[rows_of, :, columns].transpose(1, 2)  # (B, W, Hk, D) -> (B, Hk, W, D)
+        sub_value = value[rows_of, :, columns].transpose(1, 2)
+
+    # The rule evaluated on the chosen columns only. (B, 1, Tb, W)
+    b = torch.arange(batch, device=block.device).view(-1, 1, 1, 1)
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=block.device)
+    q_idx = torch.arange(q_start, q_start + rows, device=block.device).view(1, 1, -1, 1)
+    mask = rule(b, h, q_idx, columns[:, None, None, :]) & valid[:, None, None, :]
+    mask = keep_rows_finite(mask.expand(batch, 1, rows, columns.shape[1]))
+
+    # The G query heads of a KV head share its keys, so fold them into the rows. (B, Hk, G*Tb, D)
+    group = heads // kv_heads
+    grouped = block.reshape(batch, kv_heads, group * rows, dim)
+    mask = mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, 1, group * rows, -1)
+    out = F.scaled_dot_product_attention(grouped, sub_key, sub_value, attn_mask=mask, scale=scaling)
+    return out.reshape(batch, heads, rows, dim)
+
+
+def _key_columns(allowed: torch.Tensor | None, length: int, device) -> tuple[torch.Tensor, torch.Tensor, slice | None]:
+    """Choose the key columns a query block attends: ``(columns, valid, window)``.
+
+    ``columns`` and ``valid`` are (B, W) or (1, W). When the span from the first to the last
+    allowed key is at most 1/8 wider than the row with the most allowed keys, every row attends
+    that span and ``window`` is its slice. Otherwise ``window`` is None and each row gets its own
+    allowed columns in order, padded to the same width W with column 0, which ``valid`` marks False.
+    """
+    if allowed is None:
+        return _span_columns(0, length, device)
+    width = int(allowed.sum(1).max())
+    if width == 0:  # no row of the block has a visible key, so attend column 0 to keep softmax finite
+        columns = torch.zeros(1, 1, dtype=torch.long, device=device)
+        return columns, torch.zeros_like(columns, dtype=torch.bool), None
+    used = allowed.any(0).nonzero().flatten()
+    first, stop = int(used[0]), int(used[-1]) + 1
+    if stop - first <= width + width // 8:
+        return _span_columns(first, stop, device)
+    order = torch.sort(allowed.to(torch.uint8), dim=1, descending=True, stable=True)
+    valid = order.values[:, :width].bool()
+    return torch.where(valid, order.indices[:, :width], 0), valid, None
+
+
+def _span_columns(first: int, stop: int, device) -> tuple[torch.Tensor, torch.Tensor, slice]:
+    columns = torch.arange(first, stop, device=device)[None, :]
+    return columns, torch.ones_like(columns, dtype=torch.bool), slice(first, stop)
+
+
+def causal_candidates(kind: torch.Tensor, window: int | None = None) -> KeyCandidates:
+    """Allow a block the unpadded keys before its end. With ``window``, allow only those fewer than
+    ``window`` columns before its first query. ``kind`` is (B, S)."""
+    columns = torch.arange(kind.shape[1], device=kind.device)
+    unpadded = kind != TokenKind.PAD
+
+    def allowed(start: int, stop: int) -> torch.Tensor:
+        keep = unpadded & (columns < stop)
+        if window is not None:
+            keep = keep & (columns > start - window)
+        return keep
+
+    return allowed
+
+
+def gist_candidates(batch: GistBatch) -> KeyCandidates:
+    """Allow a block what the one- and multi-level gist masks can show its rows: the sinks and
+    gists before its end, and the raw tokens from P chunks before its lowest query chunk up to its end."""
+    kind, chunk = batch.kind, batch.chunk
+    columns = torch.arange(kind.shape[1], device=kind.device)
+    sinks_and_gists = (kind == TokenKind.SINK) | (kind == TokenKind.GIST)
+    no_chunk = torch.iinfo(chunk.dtype).max  # sinks and padding queries open no window
+
+    def allowed(start: int, stop: int) -> torch.Tensor:
+        rows = chunk[:, start:stop]  # (B, Tb)
+        lowest = torch.where(rows >= 0, rows, no_chunk).amin(1)  # (B,)
+        window = (chunk >= (lowest - batch.spec.window_chunks)[:, None]) & (chunk >= 0)
+        return (sinks_and_gists | window) & (columns < stop)
+
+    return allowed
+
+
+def prefill_candidates(batch: GistBatch, name: str) -> KeyCandidates:
+    """Return the key candidates of the context-prefill rule ``name`` (see ``prefill_rule``)."""
+    if name == "gist":
+        return gist_candidates(batch)
+    return causal_candidates(batch.kind)  # causal and dense rules: raw tokens see every earlier raw token
 
 
 def _window_attention(query, key, value, view: LayerView, scaling: float) -> torch.Tensor:
@@ -185,7 +312,10 @@ def _window_attention(query, key, value, view: LayerView, scaling: float) -> tor
     kind = view.flat_kind if view.flat_kind is not None else view.batch.kind
     q_offset = key.shape[2] - query.shape[2]
     rule = and_masks(causal(), padding(kind), sliding_window(view.window))
-    return masked_attention(query, key, value, rule, scaling, naive=view.config.impl == "naive", q_offset=q_offset)
+    candidates = causal_candidates(kind, window=view.window)
+    return masked_attention(
+        query, key, value, rule, scaling, naive=view.config.impl == "naive", q_offset=q_offset, candidates=candidates
+    )
 
 
 def register() -> None:

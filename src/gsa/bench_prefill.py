@@ -1,11 +1,14 @@
 """Prefill benchmark (``gsa bench prefill``): time and peak memory of one attention layer's prefill.
 
-Two masks over synthetic queries, keys and values of the same geometry:
+Three masks over synthetic queries, keys and values of the same geometry:
 
 - ``causal``: PyTorch SDPA with ``is_causal=True`` over the L context tokens;
 - ``gist``: ``gsa.attention.masked_attention`` under ``gsa.masks.gist_mask`` over the gisted
-  layout of the same context (L tokens plus one gist per chunk), which builds its boolean mask
-  in query blocks of ``QUERY_BLOCK`` rows.
+  layout of the same context (L tokens plus one gist per chunk). It runs in query blocks of
+  ``QUERY_BLOCK`` rows, and each block attends only to the keys that
+  ``gsa.attention.gist_candidates`` allows it: sinks, earlier gists and its local window;
+- ``gist-full``: the same call with ``gather=False``, the reference twin, which attends every
+  block to all keys.
 
 Each point runs in a fresh Python subprocess (``python -m gsa.bench_prefill POINT_JSON``), because
 ``ru_maxrss``, the peak resident set size the kernel reports, never decreases within a process.
@@ -31,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import gsa
-from gsa.attention import QUERY_BLOCK, masked_attention
+from gsa.attention import QUERY_BLOCK, gist_candidates, masked_attention
 from gsa.bench import DTYPES, format_table, median_seconds, new_figure, plot_lines, save_figure
 from gsa.errors import InvalidInputError
 from gsa.layout import GistSpec, collate, insert_gists
@@ -39,7 +42,7 @@ from gsa.masks import gist_mask
 
 logger = logging.getLogger(__name__)
 
-MASKS = ("causal", "gist")
+MASKS = ("causal", "gist", "gist-full")
 GIST_TOKEN_ID = 1  # any id: the benchmark never embeds tokens, it only needs the layout
 MEMORY_NOTE = (
     "measured: peak_rss_bytes is ru_maxrss of a fresh subprocess per point; peak_extra_bytes is that "
@@ -76,13 +79,15 @@ class PrefillSettings:
                 raise InvalidInputError(f"--{name} must be 0 or more, got {getattr(self, name)}")
         unknown = [mask for mask in self.masks if mask not in MASKS]
         if unknown or not self.masks:
-            raise InvalidInputError(f"unknown mask {','.join(unknown)!r}; choose causal, gist or causal,gist")
+            raise InvalidInputError(
+                f"unknown mask {','.join(unknown)!r}; choose from causal, gist and gist-full, such as causal,gist"
+            )
         if self.dtype not in DTYPES:
             raise InvalidInputError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
         if any(ratio < 1 for ratio in self.ratios):
             raise InvalidInputError(f"--ratios must be at least 1, got {self.ratios}; a ratio is the chunk size in tokens")
         needed = self.sinks + max(self.ratios)
-        if "gist" in self.masks and min(self.contexts) < needed:
+        if any(mask != "causal" for mask in self.masks) and min(self.contexts) < needed:
             raise InvalidInputError(
                 f"--contexts {min(self.contexts)} is too short for ratio {max(self.ratios)}: the gist layout needs "
                 f"at least {needed} tokens ({self.sinks} sinks and one chunk); pass longer contexts or smaller --ratios"
@@ -91,8 +96,9 @@ class PrefillSettings:
     def runs(self) -> list[tuple[str, int | None]]:
         """(mask, ratio) pairs to measure at each context; ``causal`` has no ratio and runs once."""
         pairs: list[tuple[str, int | None]] = [("causal", None)] if "causal" in self.masks else []
-        if "gist" in self.masks:
-            pairs += [("gist", ratio) for ratio in self.ratios]
+        for mask in MASKS[1:]:
+            if mask in self.masks:
+                pairs += [(mask, ratio) for ratio in self.ratios]
         return pairs
 
 
@@ -147,35 +153,41 @@ def prefill_inputs(request: dict):
     Query is (B, H, L, D) and key and value (B, Hk, L, D), where L counts the gists of the gist
     layout.
     """
+    return prefill_point(request)[:4]
+
+
+def prefill_point(request: dict):
+    """Build ``prefill_inputs`` and, last, the rule's ``gist_candidates`` (None for causal)."""
     generator = torch.Generator().manual_seed(request["seed"])
     batch_size, context = request["batch"], request["context"]
-    rule, length = None, context
-    if request["mask"] == "gist":
+    rule, candidates, length = None, None, context
+    if request["mask"] != "causal":
         spec = GistSpec(chunk_size=request["ratio"], sinks=request["sinks"], window_chunks=request["window"])
         sequence = insert_gists([0] * context, [], GIST_TOKEN_ID, spec)
         layout = collate([sequence] * batch_size, spec, pad_id=0)
-        rule, length = gist_mask(layout), len(sequence)
+        rule, candidates, length = gist_mask(layout), gist_candidates(layout), len(sequence)
     dtype = DTYPES[request["dtype"]]
     heads = request["kv_heads"] * request["group"]
 
     def draw(num_heads):
         return torch.randn(batch_size, num_heads, length, request["head_dim"], generator=generator, dtype=dtype)
 
-    return draw(heads), draw(request["kv_heads"]), draw(request["kv_heads"]), rule
+    return draw(heads), draw(request["kv_heads"]), draw(request["kv_heads"]), rule, candidates
 
 
 @torch.inference_mode()
 def run_point(request: dict) -> dict:
     """Time one prefill point and measure its peak RSS; runs inside the subprocess."""
     torch.set_num_threads(request["threads"])
-    query, key, value, rule = prefill_inputs(request)
+    query, key, value, rule, candidates = prefill_point(request)
     scaling = query.shape[-1] ** -0.5
+    gather = request["mask"] == "gist"
     if rule is None:
         def call():
             return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
     else:
         def call():
-            return masked_attention(query, key, value, rule, scaling)
+            return masked_attention(query, key, value, rule, scaling, candidates=candidates, gather=gather)
 
     rss_before, peak_before = _current_rss(), _peak_rss()
     seconds = median_seconds(call, request["repeats"], request["warmup"])
