@@ -538,3 +538,17 @@ def test_teacher_batch_drops_gists():
         assert plain.position_ids[b, real].tolist() == list(range(n + 2))
         raw = batch.kind[b] == TokenKind.RAW
         assert chunk[b, real].tolist()[2:2 + int(raw.sum())] == batch.chunk[b, raw].tolist()
+
+
+def test_export_drops_optimizer_state(tmp_path, capsys, tiny_model_dir):
+    config = tiny_config(tmp_path, tiny_model_dir, steps=1, grad_accum=1)
+    train(config)
+    assert main(["export", config.run.out_dir, str(tmp_path / "export")]) == 0
+    exported = load_checkpoint(tmp_path / "export")
+    source = load_checkpoint(config.run.out_dir)
+    assert exported.state is None
+    assert exported.weights.keys() == source.weights.keys()
+    for name in source.weights:
+        assert torch.equal(exported.weights[name], source.weights[name])
+    assert exported.trainer["base_fingerprint"] == source.trainer["base_fingerprint"]
+    assert not (tmp_path / "export" / "state.safetensors").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 
@@ -15,6 +17,11 @@ def add_train_parser(commands) -> None:
     train.add_argument("--max-steps", type=int, help="stop after this many optimiser steps from the start or resume point "
                        "(the schedule still spans optim.steps)")
     train.set_defaults(handler=run_train)
+
+    export = commands.add_parser("export", help="copy a checkpoint's trained weights without the optimiser state")
+    export.add_argument("source", help="checkpoint folder, or a run folder for its latest checkpoint")
+    export.add_argument("target", help="new checkpoint folder (replaced atomically if it exists)")
+    export.set_defaults(handler=run_export)
 
     loss = commands.add_parser("loss", help="next-token loss on the held-out split of corpus files, with and without gists")
     loss.add_argument("--checkpoint", help="trained checkpoint folder (default: the bundled one if present; none: the base model)")
@@ -73,7 +80,9 @@ def run_loss(args) -> int:
             raise InvalidInputError(f"{option} must be at least 1, got {value}")
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     corpus = [data_dir / name for name in args.corpus.split(",") if name]
-    loaded = load_for_inference(args.model, args.checkpoint)
+    # The GGUF loader draws its own progress bar on stderr; it is shown only with --verbose.
+    with contextlib.nullcontext() if args.verbose else contextlib.redirect_stderr(io.StringIO()):
+        loaded = load_for_inference(args.model, args.checkpoint)
     if loaded.trained and ratio not in loaded.ratios:
         raise InvalidInputError(f"checkpoint {loaded.name} was trained for ratios {loaded.ratios}, not {ratio}; pass --ratio {loaded.ratios[0]}")
     spec = GistSpec.from_sizes(sizes)
@@ -84,4 +93,13 @@ def run_loss(args) -> int:
             args.heldout_fraction,
         )
         print(json.dumps({"model": loaded.name, "trained": loaded.trained, **result.__dict__}))
+    return 0
+
+
+def run_export(args) -> int:
+    from gsa.train.checkpoint import export_checkpoint
+
+    path = export_checkpoint(args.source, args.target)
+    size = sum(f.stat().st_size for f in path.iterdir())
+    print(json.dumps({"checkpoint": str(path), "bytes": size}))
     return 0

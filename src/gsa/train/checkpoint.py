@@ -199,3 +199,17 @@ def check_compatible(trainer: dict, fingerprint: str, ratios: list[str], path: P
             f"checkpoint {path} was trained for ratios {trained}, not {missing}; "
             f"use --ratio {','.join(trained)} or a checkpoint trained for {','.join(missing)}"
         )
+
+
+def export_checkpoint(source: str | Path, target: str | Path) -> Path:
+    """Copy a checkpoint's trained weights and record to ``target`` without the optimiser state.
+
+    The export is what inference needs (and what a later run's ``run.init_from`` reads); it
+    cannot be resumed with ``--resume``.
+    """
+    checkpoint = load_checkpoint(source, with_state=False)
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    record = {k: v for k, v in checkpoint.trainer.items() if k != "format_version"}
+    record["exported_from"] = checkpoint.path.name
+    return save_checkpoint(target, checkpoint.weights, record)
