@@ -156,8 +156,9 @@ def _add_bench_parsers(commands) -> None:
     prefill.add_argument("--contexts", default="2048,4096,8192", help="context lengths in tokens, comma-separated; K and "
                          "M multiply by 1024 and 1024^2 (default 2048,4096,8192)")
     prefill.add_argument("--ratios", default="16", help="compression ratios of the gist layout, comma-separated (default 16)")
-    prefill.add_argument("--masks", default="causal,gist", help="causal (SDPA with is_causal) and/or gist (the gist mask "
-                         "in query blocks), comma-separated (default causal,gist)")
+    prefill.add_argument("--masks", default="causal,gist", help="causal (SDPA with is_causal), gist (the gist mask, each "
+                         "query block attending only the keys it may see) and gist-full (the gist mask over all keys, "
+                         "the reference path), comma-separated (default causal,gist)")
     _add_bench_options(prefill, repeats=5, warmup=1, plot="bench_prefill.png")
     prefill.set_defaults(handler=run_bench_prefill)
 
