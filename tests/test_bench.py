@@ -1,7 +1,7 @@
 """Tests of the speed benchmarks (``gsa bench decode`` and ``gsa bench prefill``).
 
 Sizes are tiny and nothing asserts a time: the checks cover the JSON schema, the key counts
-against the budget rule, the byte formula, size parsing, user errors and the plot files.
+against the budget rule, the byte and FLOP formulas, size parsing, user errors and the plot files.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import torch
 
 from gsa import cli
 from gsa.bench import parse_sizes, size_label
-from gsa.bench_decode import DecodeSettings, layer_points, synthetic_kv, synthetic_tiers
+from gsa.bench import roofline_ms
+from gsa.bench_decode import DecodeSettings, layer_points, run_decode_bench, step_flops, synthetic_kv, synthetic_tiers
 from gsa.bench_prefill import prefill_inputs
 from gsa.errors import InvalidInputError
 from gsa.layout import GistSpec
@@ -169,6 +170,60 @@ def test_decode_quest_reads_no_gists():
 def test_decode_bfloat16_bytes():
     (point,) = layer_points(tiny_settings(methods=["full"], contexts=[512], dtype=torch.bfloat16))
     assert point["kv_bytes_read"] == 512 * 2 * 2 * 16 * 2
+
+
+def test_step_flops_counting_rule():
+    # 10 keys x G = 4 heads x (2 D for q . k + 2 D for p . v), then 5 products x 4 heads x 2 D.
+    assert step_flops(10.0, 5.0, group=4, dim=8) == {"step_flops": 10 * 4 * 32 + 5 * 4 * 16, "score_flops": 5 * 4 * 16}
+
+
+def test_decode_flops_and_bytes_by_hand():
+    """S = 4096, C = 16, Hk = 2, D = 16, G = 1, top-k 2, float32.
+
+    The tiers hold 3 sinks, N = (4096 - 1 - 3) // 16 = 255 chunks and 4096 - 3 - 255 * 16 = 13
+    recent keys. The window is the last chunk, so 254 chunks are candidates. With G = 1 each KV
+    head recalls exactly 2 chunks.
+    """
+    settings = tiny_settings(methods=["full", "gsa", "quest"], group=1, top_k=2)
+    full, gsa, quest = run_decode_bench(settings)["points"]
+
+    assert full["keys_attended"] == 4096
+    assert full["kv_bytes_read"] == 4096 * 2 * 2 * 16 * 4  # keys x (K, V) x Hk x D x 4 bytes
+    assert full["score_bytes_read"] == 0
+    assert full["step_flops"] == 4096 * 2 * 1 * 4 * 16  # keys x Hk x G x 4 D
+    assert full["score_flops"] == 0
+
+    # gsa: 3 sinks + (2 recalled + 1 window) chunks x (16 raw keys + 1 gist) + 13 recent = 67 keys.
+    assert gsa["keys_attended"] == 67
+    assert gsa["gists_scored"] == 254
+    assert gsa["kv_bytes_read"] == 67 * 2 * 2 * 16 * 4 == 17152
+    assert gsa["score_bytes_read"] == 254 * 2 * 16 * 4 == 32512  # one gist key per candidate and KV head
+    assert gsa["score_flops"] == 254 * 2 * 1 * 2 * 16 == 16256
+    assert gsa["step_flops"] == 67 * 2 * 1 * 4 * 16 + 16256 == 24832
+
+    # quest attends no gist: 3 + 3 x 16 + 13 = 64 keys, and scores with two products (min and max keys).
+    assert quest["keys_attended"] == 64
+    assert quest["kv_bytes_read"] == 64 * 2 * 2 * 16 * 4
+    assert quest["score_bytes_read"] == 2 * 254 * 2 * 16 * 4
+    assert quest["score_flops"] == 2 * 254 * 2 * 1 * 2 * 16
+    assert quest["step_flops"] == 64 * 2 * 1 * 4 * 16 + 2 * 254 * 2 * 1 * 2 * 16
+
+
+def test_decode_roofline_is_larger_bound():
+    result = run_decode_bench(tiny_settings(methods=["full", "gsa"], group=1, top_k=2))
+    bandwidth, compute = result["bandwidth_gbps"], result["compute_gflops"]
+    assert compute > 0
+    for point in result["points"]:
+        memory_ms = (point["kv_bytes_read"] + point["score_bytes_read"]) / (bandwidth * 1e9) * 1e3
+        compute_ms = point["step_flops"] / (compute * 1e9) * 1e3
+        assert point["roofline_ms"] == pytest.approx(max(memory_ms, compute_ms), rel=1e-12)
+        assert point["roofline_ms"] >= point["bound_ms"]
+        assert point["achieved_gflops"] == pytest.approx(point["step_flops"] / point["step_ms"] / 1e6, rel=1e-12)
+
+
+def test_roofline_ms_picks_slower_limit():
+    assert roofline_ms(2e9, 1e9, bandwidth_gbps=1.0, compute_gflops=1.0) == pytest.approx(2000.0)
+    assert roofline_ms(1e9, 4e9, bandwidth_gbps=1.0, compute_gflops=2.0) == pytest.approx(2000.0)
 
 
 def test_synthetic_tiers_share_keys():

@@ -2,7 +2,7 @@
 
 The decode benchmark lives in ``gsa.bench_decode`` and the prefill benchmark in
 ``gsa.bench_prefill``. This module parses size lists, times calls, measures the machine's copy
-bandwidth, formats tables and draws log-log plots.
+bandwidth and matrix-product compute rate, formats tables and draws log-log plots.
 
 Shape legend: B batch, T queries, S keys, H query heads, Hk KV heads, G = H / Hk, D head dim,
 C chunk size (the ratio), N chunks, K recalled chunks.
@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SIZE_SUFFIXES = {"": 1, "K": 1024, "M": 1024 ** 2}
 COPY_REPEATS = 7
+COMPUTE_KEYS = 512  # keys per KV head in the compute benchmark
+COMPUTE_FLOPS_PER_CALL = 2e8  # work per timed call of the compute benchmark, a few ms on a CPU core
 
 
 def parse_sizes(text: str, option: str) -> list[int]:
@@ -86,6 +88,31 @@ def copy_bandwidth_gbps(megabytes: int = 256, repeats: int = COPY_REPEATS) -> fl
     return 2 * numel * 4 / seconds / 1e9
 
 
+def matmul_gflops(kv_heads: int, group: int, dim: int, keys: int = COMPUTE_KEYS, repeats: int = COPY_REPEATS) -> float:
+    """Measure the float32 compute rate of a decode step's two matrix products, in GFLOP/s.
+
+    Per KV head it runs keys (L, D) @ queries^T (D, G) and weights (G, L) @ values (L, D), the
+    shapes of ``attend_gathered`` with L = ``keys``. The operands are small enough to stay in
+    cache (2 MiB each for Hk = 8, D = 128), so the rate is what the arithmetic allows, not memory.
+    Each timed call repeats the pair enough times to take a few ms. Returns the median rate.
+    """
+    generator = torch.Generator().manual_seed(0)
+    key_states = torch.randn(kv_heads, keys, dim, generator=generator)
+    value_states = torch.randn(kv_heads, keys, dim, generator=generator)
+    queries = torch.randn(kv_heads, group, dim, generator=generator)
+    weights = torch.randn(kv_heads, group, keys, generator=generator)
+    flops_per_pair = 2 * 2 * kv_heads * group * keys * dim  # a multiply and an add per term, two products
+    pairs = max(1, int(COMPUTE_FLOPS_PER_CALL // flops_per_pair))
+
+    def products():
+        for _ in range(pairs):
+            torch.matmul(key_states, queries.transpose(-1, -2))
+            torch.matmul(weights, value_states)
+
+    seconds = median_seconds(products, repeats, warmup=1)
+    return pairs * flops_per_pair / seconds / 1e9
+
+
 def size_label(size: int) -> str:
     """Write ``size`` as 128K or 1M when it is a whole multiple of 1024 or 1024², else as digits."""
     for suffix in ("M", "K"):
@@ -97,6 +124,12 @@ def size_label(size: int) -> str:
 def bound_ms(num_bytes: float, bandwidth_gbps: float) -> float:
     """Time in ms to stream ``num_bytes`` once at ``bandwidth_gbps``: a lower bound on a step that reads them."""
     return num_bytes / (bandwidth_gbps * 1e9) * 1e3
+
+
+def roofline_ms(num_bytes: float, flops: float, bandwidth_gbps: float, compute_gflops: float) -> float:
+    """Lower bound in ms on a step that reads ``num_bytes`` and performs ``flops``: the larger of the
+    time to stream the bytes and the time to do the arithmetic at ``compute_gflops``."""
+    return max(bound_ms(num_bytes, bandwidth_gbps), flops / (compute_gflops * 1e9) * 1e3)
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

@@ -12,7 +12,10 @@ Two scopes:
 
 Each point records the median step time, the gists scored per step (gist routers only), the keys attended (mean over KV heads, rows and, in the
 model scope, global layers) and the bytes of KV those keys hold. A copy benchmark run in the same
-process gives the memory bandwidth that bounds a step from below.
+process gives the memory bandwidth that bounds a step from below. In the layer scope a point also
+counts its FLOPs (``step_flops``) and the bytes its scores read, and a matrix-product benchmark gives
+the compute rate, so each point gets a roofline bound: the larger of bytes / bandwidth and
+FLOPs / compute rate.
 
 Shape legend: B batch, T queries, S keys, H query heads, Hk KV heads, G = H / Hk, D head dim,
 C chunk size, N chunks, R recent tokens, S0 sinks.
@@ -30,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from gsa.bench import (
-    bound_ms, copy_bandwidth_gbps, dtype_name, format_table, median_seconds, new_figure, plot_lines, save_figure,
+    bound_ms, copy_bandwidth_gbps, dtype_name, format_table, matmul_gflops, median_seconds, new_figure, plot_lines,
+    roofline_ms, save_figure,
 )
 from gsa.cache import GistCache
 from gsa.chunk_store import RAW_TIERS
@@ -47,6 +51,10 @@ SCOPES = ("layer", "model")
 FULL = "full"
 LAYER_IDX = 1  # layer 0 of a gist router attends every gist instead of selecting
 SAMPLE_DOCUMENT = "sample_document.md"
+# Matrix products per (query head, scored candidate) that a method's scores take: one dot product of
+# length D with a gist or mean key, two with Quest's min and max keys. Other methods score without them.
+# NOTE: oracle scores every raw key and is counted as scoring nothing here.
+SCORE_PRODUCTS = {"gsa": 1, "mean-key": 1, "quest": 2}
 
 
 @dataclass
@@ -140,9 +148,10 @@ def run_decode_bench(settings: DecodeSettings, generator=None) -> dict:
             generator = GistGenerator(*load_model(dtype=settings.dtype))
         check_model_contexts(settings, generator)  # before the layer scope, which may take long
     bandwidth = copy_bandwidth_gbps(settings.copy_mb)
-    logger.info("copy bandwidth %.1f GB/s", bandwidth)
+    compute = matmul_gflops(settings.kv_heads, settings.group, settings.head_dim)
+    logger.info("copy bandwidth %.1f GB/s, matrix-product compute %.1f GFLOP/s", bandwidth, compute)
     result = {
-        "bandwidth_gbps": bandwidth, "points": [], "dtype": dtype_name(settings.dtype),
+        "bandwidth_gbps": bandwidth, "compute_gflops": compute, "points": [], "dtype": dtype_name(settings.dtype),
         "threads": torch.get_num_threads(), "batch": settings.batch, "repeats": settings.repeats,
         "warmup": settings.warmup, "prefill": settings.prefill, "torch": torch.__version__,
     }
@@ -153,16 +162,26 @@ def run_decode_bench(settings: DecodeSettings, generator=None) -> dict:
     if "model" in settings.scopes:
         result["points"] += model_points(settings, generator)
         result["model"] = model_geometry(generator)  # after model_points, which casts the weights to the dtype
-    _add_derived_fields(result["points"], bandwidth)
+    _add_derived_fields(result["points"], bandwidth, compute)
     return result
 
 
-def _add_derived_fields(points: list[dict], bandwidth: float) -> None:
-    """Add achieved bandwidth, the bandwidth bound and the speed-up over ``full`` at the same context."""
+def _add_derived_fields(points: list[dict], bandwidth: float, compute: float) -> None:
+    """Add achieved bandwidth and compute rate, both bounds and the speed-up over ``full`` at the same context.
+
+    Model-scope points count no FLOPs (their weights dominate and are not counted), so their
+    ``roofline_ms`` is ``None``.
+    """
     full_ms = {(p["scope"], p["context"]): p["step_ms"] for p in points if p["method"] == FULL}
     for point in points:
-        point["achieved_gbps"] = point["kv_bytes_read"] / (point["step_ms"] / 1e3) / 1e9
+        seconds = point["step_ms"] / 1e3
+        point["achieved_gbps"] = point["kv_bytes_read"] / seconds / 1e9
         point["bound_ms"] = bound_ms(point["kv_bytes_read"], bandwidth)
+        flops = point.setdefault("step_flops", None)
+        point.setdefault("score_bytes_read", None)
+        point["achieved_gflops"] = flops / seconds / 1e9 if flops is not None else None
+        point["roofline_ms"] = (roofline_ms(point["kv_bytes_read"] + point["score_bytes_read"], flops, bandwidth, compute)
+                                if flops is not None else None)
         full = full_ms.get((point["scope"], point["context"]))
         point["speedup_vs_full"] = full / point["step_ms"] if full is not None else None
 
@@ -258,8 +277,10 @@ def _time_full_layer(query, keys, values, settings: DecodeSettings) -> dict:
 
     seconds = median_seconds(step, settings.repeats, settings.warmup)
     batch, kv_heads, length, dim = keys.shape
+    attended = float(length * batch * kv_heads)  # keys over all rows and KV heads
     return {"step_ms": seconds * 1e3, "keys_attended": float(length),
-            "kv_bytes_read": length * 2 * batch * kv_heads * dim * keys.element_size()}
+            "kv_bytes_read": attended * 2 * dim * keys.element_size(), "score_bytes_read": 0.0,
+            **step_flops(attended, 0.0, settings.group, dim)}
 
 
 @torch.inference_mode()
@@ -275,10 +296,37 @@ def _time_sparse_layer(query, keys, values, method: str, ratio: int, settings: D
     seconds = median_seconds(step, settings.repeats, settings.warmup)
     _, counts = step()
     attended = counts.attended.double()  # (B, Hk, 1)
-    dim = keys.shape[-1]
+    dim, element = keys.shape[-1], keys.element_size()
     scored = float(counts.scored.double().mean()) if counts.scored is not None else None
+    candidates = _scored_candidates(method, counts, tiers, config)  # over all rows and KV heads
+    score_products = candidates * SCORE_PRODUCTS.get(method, 0)
     return {"step_ms": seconds * 1e3, "keys_attended": float(attended.mean()), "gists_scored": scored,
-            "levels": config.spec.num_levels, "kv_bytes_read": float(attended.sum()) * 2 * dim * keys.element_size()}
+            "levels": config.spec.num_levels, "kv_bytes_read": float(attended.sum()) * 2 * dim * element,
+            "score_bytes_read": score_products * dim * element,
+            **step_flops(float(attended.sum()), score_products, settings.group, dim)}
+
+
+def step_flops(attended: float, score_products: float, group: int, dim: int) -> dict:
+    """Count the FLOPs of one decode step, one query per row, as a multiply and an add per term.
+
+    ``attended`` is the keys attended summed over rows and KV heads, and ``score_products`` the
+    key-length dot products one query head takes to score candidates, summed the same way. Each of
+    the G query heads of a KV head takes 2 D FLOPs for q . k and 2 D for the weighted sum of v per
+    attended key, and 2 D per scoring product. Softmax, top-k and masks are not counted.
+    """
+    attend = attended * group * 4 * dim
+    score = score_products * group * 2 * dim
+    return {"step_flops": attend + score, "score_flops": score}
+
+
+def _scored_candidates(method: str, counts, tiers: Tiers, config: GSAConfig) -> float:
+    """Candidates the method scored in this step, summed over rows and KV heads."""
+    if counts.scored is not None:
+        return float(counts.scored.double().sum())
+    if not get_method(method).selects:
+        return 0.0
+    outside_window = (tiers.num_chunks - config.spec.window_chunks).clamp(min=0)  # (B,)
+    return float(outside_window.sum()) * tiers.num_kv_heads
 
 
 def _check_memory(settings: DecodeSettings) -> None:
@@ -401,14 +449,19 @@ TABLE_COLUMNS = [
     ("step_ms", "step ms", ".3f"), ("speedup_vs_full", "full/step", ".2f"), ("gists_scored", "scored", ".0f"),
     ("keys_attended", "keys", ".0f"),
     ("kv_mb", "KV MB", ".2f"), ("achieved_gbps", "GB/s", ".1f"), ("bound_ms", "bound ms", ".3f"),
+    ("mflop", "MFLOP", ".1f"), ("achieved_gflops", "GFLOP/s", ".1f"), ("roofline_ms", "roofline ms", ".3f"),
 ]
 
 
 def format_decode_table(result: dict) -> str:
     """Format the points of ``run_decode_bench`` as a table, with the copy bandwidth as its title."""
-    rows = [dict(point, kv_mb=point["kv_bytes_read"] / 1e6, ratio=point["ratio"] or "-") for point in result["points"]]
+    rows = []
+    for point in result["points"]:
+        flops = point.get("step_flops")
+        rows.append(dict(point, kv_mb=point["kv_bytes_read"] / 1e6, ratio=point["ratio"] or "-",
+                         mflop=flops / 1e6 if flops is not None else None))
     title = (f"decode step, {result['dtype']}, batch {result['batch']}, {result['threads']} threads, "
-             f"copy bandwidth {result['bandwidth_gbps']:.1f} GB/s")
+             f"copy bandwidth {result['bandwidth_gbps']:.1f} GB/s, compute {result['compute_gflops']:.1f} GFLOP/s")
     return title + "\n" + format_table(rows, TABLE_COLUMNS)
 
 

@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 
 from gsa.errors import InvalidInputError
-from gsa.ops.select import score_gists
+from gsa.ops.select import grouped_products, score_gists
 from gsa.tiers import Tiers
 
 METHODS: dict[str, Method] = {}  # name -> the shared instance; methods hold no state
@@ -166,8 +166,7 @@ class Quest(Method):
         query = inputs.query.float().view(batch, kv_heads, heads // kv_heads, length, dim)  # (B, Hk, G, T, D)
         # max(q_d * min_d, q_d * max_d) is q_d * max_d where q_d >= 0 and q_d * min_d elsewhere,
         # so the bound is two matrix products instead of a (B, Hk, G, T, N, D) intermediate.
-        upper = (torch.einsum("bkgtd,bknd->bkgtn", query.clamp(min=0), key_max)
-                 + torch.einsum("bkgtd,bknd->bkgtn", query.clamp(max=0), key_min))
+        upper = grouped_products(query.clamp(min=0), key_max) + grouped_products(query.clamp(max=0), key_min)
         return upper * inputs.scaling  # (B, Hk, G, T, N)
 
     def scores_naive(self, inputs):

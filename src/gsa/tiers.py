@@ -124,6 +124,14 @@ class Tiers:
         values = gather_chunk_rows(self.chunk_v, index, self._scratch("gather_v", self.chunk_v, index))
         return keys, values
 
+    def gather_gists(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the level-1 gist keys and values of chunks ``index`` (B, Hk, K) as (B, Hk, K, D)."""
+        gists = []
+        for name, states in (("gist_gather_k", self.gist_k), ("gist_gather_v", self.gist_v)):
+            rows = states[:, :, :, None]  # one-row chunks: (B, Hk, N, 1, D)
+            gists.append(gather_chunk_rows(rows, index, self._scratch(name, rows, index)).squeeze(3))
+        return gists[0], gists[1]
+
     def _scratch(self, name: str, chunks: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
         """Return a reusable flat buffer for ``index.numel()`` gathered chunks.
 

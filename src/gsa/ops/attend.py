@@ -112,15 +112,7 @@ def attend_gathered(query: torch.Tensor, tiers: Tiers, vis: Visibility, scaling:
     if length != 1:
         raise ValueError(f"the gathered path takes one query per row, got {length}")
     kv_heads = tiers.num_kv_heads
-    chunk_on = vis.chunk_on[:, :, 0]  # (B, Hk, N)
-
-    # Indices of recalled chunks, padded to the largest count K. (B, Hk, K)
-    if vis.chunk_index is not None:
-        index, picked = vis.chunk_index[0][:, :, 0], vis.chunk_index[1][:, :, 0]
-    else:
-        count = int(chunk_on.sum(-1).max()) if chunk_on.numel() else 0
-        order = torch.sort(chunk_on.to(torch.int8), dim=-1, descending=True, stable=True)
-        index, picked = order.indices[..., :count], order.values[..., :count].bool()
+    index, picked = recalled_chunks(vis)  # (B, Hk, K)
     b = torch.arange(batch, device=query.device)[:, None, None]
     h = torch.arange(kv_heads, device=query.device)[None, :, None]
     raw_k, raw_v = tiers.gather_chunks(index)  # (B, Hk, K, Cm, D)
@@ -129,14 +121,12 @@ def attend_gathered(query: torch.Tensor, tiers: Tiers, vis: Visibility, scaling:
 
     # Gists: those of the recalled chunks, every visible gist, or none when gists only route.
     if vis.gist_mode == "chunks":
-        gist_k, gist_v, gist_on = tiers.gist_k[b, h, index], tiers.gist_v[b, h, index], picked
+        (gist_k, gist_v), gist_on = tiers.gather_gists(index), picked
     elif vis.gist_mode == "all":
         gist_k, gist_v, gist_on = tiers.gist_k, tiers.gist_v, vis.gist_on[:, :, 0]
     else:
         gist_k, gist_v, gist_on = tiers.gist_k[:, :, :0], tiers.gist_v[:, :, :0], picked[..., :0]
 
-    # Attend the four parts without concatenating their keys and values: one softmax over the
-    # concatenated logits (B, Hk, G, L), then a weighted sum per part.
     parts = [
         (tiers.sink_k, tiers.sink_v, tiers.sink_valid[:, None].expand(-1, kv_heads, -1)),
         (raw_k, raw_v, raw_on),
@@ -144,16 +134,54 @@ def attend_gathered(query: torch.Tensor, tiers: Tiers, vis: Visibility, scaling:
         (tiers.recent_k, tiers.recent_v, vis.recent_on[:, 0][:, None].expand(-1, kv_heads, -1)),
         *_upper_parts(tiers, vis, b, h),
     ]
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim).float()  # (B, Hk, G, D)
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim).float() * scaling  # (B, Hk, G, D)
+    return attend_parts(grouped, parts).to(query.dtype).reshape(batch, heads, 1, dim)
+
+
+def attend_parts(grouped: torch.Tensor, parts: list[tuple]) -> torch.Tensor:
+    """Attend scaled queries (B, Hk, G, D) to key groups without concatenating their keys and values.
+
+    ``parts`` lists (keys, values, visible) triples of (B, Hk, L_i, D), (B, Hk, L_i, D) and
+    (B, Hk, L_i). One softmax runs over the concatenated logits: the exponentials are summed with
+    the values first and divided by their total once, on the (B, Hk, G, D) output. A row with no visible key returns zeros. Logits are computed
+    as keys @ queries^T, (B, Hk, L_i, G), because on the CPU that matrix product streams the keys
+    about twice as fast as queries @ keys^T (measured with torch 2.13 on an AMD EPYC CPU).
+    """
     logits = []
     for keys, _, visible in parts:
-        part = torch.einsum("bkgd,bkld->bkgl", grouped, keys.float()) * scaling  # (B, Hk, G, L_i)
-        logits.append(part.masked_fill(~visible[:, :, None, :], float("-inf")))
-    weights = torch.softmax(torch.cat(logits, dim=-1), dim=-1).nan_to_num(0.0)  # padding rows: all masked
-    out = torch.zeros_like(grouped)
-    for (_, values, _), part in zip(parts, weights.split([p.shape[-1] for p in logits], dim=-1)):
-        out = out + torch.einsum("bkgl,bkld->bkgd", part, values.float())
-    return out.to(query.dtype).reshape(batch, heads, 1, dim)
+        part = torch.matmul(keys.float(), grouped.transpose(-1, -2))  # (B, Hk, L_i, G)
+        logits.append(part.masked_fill_(~visible[..., None], float("-inf")).transpose(-1, -2))
+    logits = torch.cat(logits, dim=-1)  # (B, Hk, G, L), contiguous so the reductions run along rows
+    top = logits.amax(dim=-1, keepdim=True)  # (B, Hk, G, 1)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a row with no visible key stays -inf
+    weights = torch.exp_(logits.sub_(top))  # exp(-inf) = 0 for hidden keys
+    total = weights.sum(dim=-1, keepdim=True)  # (B, Hk, G, 1)
+    sizes = [keys.shape[2] for keys, _, _ in parts]
+    out = None
+    for (_, values, _), part in zip(parts, weights.split(sizes, dim=-1)):
+        term = torch.matmul(part, values.float())  # (B, Hk, G, D)
+        out = term if out is None else out.add_(term)
+    return out / total.clamp(min=torch.finfo(total.dtype).tiny)
+
+
+def recalled_chunks(vis: Visibility) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the recalled chunks of one query per row as (B, Hk, K) indices and validity flags.
+
+    Without ``vis.chunk_index`` the indices are compacted from ``vis.chunk_on`` in ascending
+    order and padded with chunk 0 to the largest count K.
+    """
+    if vis.chunk_index is not None:
+        return vis.chunk_index[0][:, :, 0], vis.chunk_index[1][:, :, 0]
+    chunk_on = vis.chunk_on[:, :, 0]  # (B, Hk, N)
+    count = chunk_on.sum(-1)  # (B, Hk)
+    width = int(count.max()) if count.numel() else 0
+    # The r-th recalled chunk goes to slot r; hidden chunks all go to the spare slot ``width``.
+    slot = torch.where(chunk_on, chunk_on.cumsum(-1) - 1, width)
+    chunks = torch.arange(chunk_on.shape[-1], device=chunk_on.device).expand_as(slot)
+    index = torch.zeros(*slot.shape[:-1], width + 1, dtype=torch.long, device=chunk_on.device)
+    index = index.scatter_(-1, slot, chunks)[..., :width]
+    picked = torch.arange(width, device=chunk_on.device) < count[..., None]
+    return index, picked
 
 
 def _upper_parts(tiers: Tiers, vis: Visibility, b: torch.Tensor, h: torch.Tensor) -> list[tuple]:
