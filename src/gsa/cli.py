@@ -319,13 +319,19 @@ def _load_generator(args):
 def _resolve_prefill(args, ratios: list[str], methods: list[str]) -> None:
     """Set ``args.prefill`` from the model source when unset, and check a checkpoint's ratios.
 
-    Reads only the checkpoint's ``trainer.json``, so bad input fails before the model loads.
+    Reads only the checkpoint's ``trainer.json``, so bad input fails before the model loads. The
+    default checkpoint gives way to the untrained model for a ratio it was not trained for; a
+    checkpoint named with ``--checkpoint`` raises instead.
     """
     path = resolve_checkpoint(args.model, args.checkpoint)
     if path is not None and any(get_method(m).inserts_gists for m in methods):
         trained = checkpoint_ratios(path)
         missing = [ratio for ratio in ratios if ratio not in trained]
-        if missing:
+        if missing and args.checkpoint is None:
+            print(f"gsa: note: the default checkpoint {path} was trained for ratios {trained}, not {missing}; "
+                  "using the untrained model", file=sys.stderr)
+            args.checkpoint, path = NO_CHECKPOINT, None
+        elif missing:
             raise InvalidInputError(
                 f"checkpoint {path} was trained for ratios {trained}, not {missing}; pass --ratio {trained[0]} "
                 "or --checkpoint none for the untrained model"
