@@ -552,3 +552,18 @@ def test_export_drops_optimizer_state(tmp_path, capsys, tiny_model_dir):
         assert torch.equal(exported.weights[name], source.weights[name])
     assert exported.trainer["base_fingerprint"] == source.trainer["base_fingerprint"]
     assert not (tmp_path / "export" / "state.safetensors").exists()
+
+
+def test_gradient_checkpointing_same_update(tmp_path, tiny_model_dir):
+    runs = {}
+    for flag in (False, True):
+        folder = tmp_path / str(flag)
+        folder.mkdir()
+        config = tiny_config(folder, tiny_model_dir, steps=2, grad_accum=1, gradient_checkpointing=flag)
+        result = train(config)
+        runs[flag] = (result.history, load_checkpoint(result.checkpoint).weights)
+    (plain_history, plain), (checkpointed_history, checkpointed) = runs[False], runs[True]
+    for a, b in zip(plain_history, checkpointed_history):
+        assert abs(a["loss"] - b["loss"]) < 1e-5
+    for name in plain:
+        assert relative_error(checkpointed[name], plain[name]) < 1e-5, name

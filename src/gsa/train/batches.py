@@ -2,7 +2,7 @@
 
 Items are packed corpus windows (stage 1) or task samples (stage 2), gisted when a micro-batch is
 built, because the layout depends on the ratio drawn for that micro-batch. Epoch e visits the items
-in a permutation seeded by (seed, e); the global micro-batch m on rank r of W processes takes items
+in a permutation seeded by (seed, e). The global micro-batch m on rank r of W processes takes items
 ``(m * W + r) * B`` to ``(m * W + r + 1) * B - 1`` of that endless sequence.
 """
 

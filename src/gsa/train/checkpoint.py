@@ -51,8 +51,8 @@ class Checkpoint:
 def model_fingerprint(model) -> str:
     """Hash the base model's architecture and a few weights, to recognise checkpoints made from it.
 
-    The input embedding rows of the original vocabulary, the first layer's first linear weight and
-    the config's shape fields are hashed; gist rows added later are left out.
+    The hash covers the config's shape fields, the input embedding rows of the original vocabulary
+    and the first linear weight. Gist rows added later are left out.
     """
     config = model.config
     fields = {k: getattr(config, k, None) for k in (
@@ -157,7 +157,7 @@ def load_checkpoint(path: str | Path, with_state: bool = True, weights: bool = T
     if path.is_dir() and not (path / MANIFEST).exists():
         found = latest_checkpoint(path)
         if found is None:
-            raise InvalidInputError(f"{path} holds no complete checkpoint (no {MANIFEST}); pass a checkpoint folder")
+            raise InvalidInputError(f"{path} contains no complete checkpoint (no {MANIFEST}); pass a checkpoint folder")
         path = found
     if not (path / MANIFEST).is_file():
         raise InvalidInputError(f"checkpoint {path} not found or incomplete (no {MANIFEST}); pass a checkpoint folder")

@@ -99,7 +99,7 @@ class DataSection:
 
 @dataclass
 class AdapterSection:
-    """What is trained.
+    """Trained weights.
 
     Attributes:
         kind: ``lora`` (low-rank adapters on every linear layer; the gist embedding rows are always

@@ -83,7 +83,7 @@ def teacher_chunk_mass(
     keys = key.repeat_interleave(group, dim=1)  # (B, H, S, D)
     scores = torch.einsum("bhtd,bhsd->bhts", query.float(), keys.float()) * scaling  # (B, H, Tq, S)
 
-    # A suffix query at column c sees keys at columns <= c that are not padding.
+    # A suffix query at column c attends the keys at columns <= c that are not padding.
     columns = torch.arange(key.shape[2], device=key.device)
     visible = (columns[None, None, :] <= plain.suffix_index[:, :, None]) & (plain.kind != TokenKind.PAD)[:, None, :]
     scores = scores.masked_fill(~visible[:, None], MASKED_LOGIT)  # padded query slots stay finite

@@ -1,7 +1,7 @@
 """The training loop: stage 1 (continued pretraining) and stage 2 (selective fine-tuning).
 
-Both stages run the model with the ``gsa`` attention and no cache: the context under the gist mask,
-and, in stage 2, the suffix (question and answer) with hard top-k selection of chunks, so that
+Both stages run the model with the ``gsa`` attention and no cache, the context under the gist mask.
+In stage 2 the suffix (question and answer) also runs with hard top-k selection of chunks, so
 gradients flow through attention over what was selected. The loop runs under ``accelerate``, so
 the same code serves one CPU process and ``accelerate launch`` on several processes (DDP).
 
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
-    """What a finished (or stopped) run produced."""
+    """Outcome of a finished or stopped run."""
 
     out_dir: Path
     step: int
@@ -305,7 +305,7 @@ def _optimizer_state(optimizer) -> dict[str, torch.Tensor]:
 
 def _load_optimizer_state(optimizer, tensors: dict[str, torch.Tensor] | None, trainer: dict) -> None:
     if tensors is None:
-        raise InvalidInputError("--resume: the checkpoint has no optimiser state (an export?); start a new run from it with run.init_from")
+        raise InvalidInputError("--resume: the checkpoint has no optimiser state (exports drop it); start a new run from it with run.init_from")
     current = optimizer.state_dict()
     state: dict[int, dict] = {}
     for key, value in tensors.items():

@@ -1,4 +1,4 @@
-"""Which weights train, how they are saved, and how a trained checkpoint is put back on a model.
+"""Trainable weights: which ones train, how they are saved, and how a checkpoint is put back on a model.
 
 With LoRA (peft), the trained tensors are the adapters plus the gist token rows (peft's trainable
 token indices, which also cover a tied output embedding). With full fine-tuning they are every
