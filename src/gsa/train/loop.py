@@ -110,7 +110,7 @@ class Trainer:
         if config.run.init_from:
             self._init_weights(model, Path(config.run.init_from))
         if config.optim.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_activation_checkpointing(model)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
@@ -283,6 +283,15 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+def _enable_activation_checkpointing(model) -> None:
+    """Recompute decoder-layer activations in the backward pass (non-reentrant checkpointing)."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
 def _mixed_precision(precision: str) -> str:
