@@ -7,7 +7,7 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 from gsa.errors import InvalidInputError
 from gsa.eval.types import TaskOptions
@@ -44,19 +44,22 @@ def read_json(path: Path) -> Any:
 def read_jsonl(path: Path) -> list[dict]:
     """Parse a JSON Lines file (gzip-compressed when the name ends in ``.gz``), skipping blank lines."""
     opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
     with opener(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise InvalidInputError(f"invalid JSON on line {number} of {path}: {error}") from error
-            if not isinstance(row, dict):
-                raise InvalidInputError(f"line {number} of {path} is not a JSON object")
-            rows.append(row)
-    return rows
+        return [row for _, row in iter_jsonl(handle, path)]
+
+
+def iter_jsonl(lines: Iterable[str], path: Path) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line number, object)`` for each non-blank line of JSON Lines read from ``path``."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InvalidInputError(f"invalid JSON on line {number} of {path}: {error}") from error
+        if not isinstance(row, dict):
+            raise InvalidInputError(f"line {number} of {path} is not a JSON object")
+        yield number, row
 
 
 def require_field(row: dict, name: str, where: str) -> Any:

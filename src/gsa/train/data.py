@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from gsa.errors import InvalidInputError
+from gsa.eval.task_io import iter_jsonl
 from gsa.layout import GistBatch, GistedSequence, GistSpec, TokenKind, collate, insert_gists
 
 logger = logging.getLogger(__name__)
@@ -74,14 +74,8 @@ def read_documents(path: Path) -> Iterator[Document]:
 
 
 def _jsonl_documents(handle, path: Path) -> Iterator[Document]:
-    for number, line in enumerate(handle, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise InvalidInputError(f"invalid JSON on line {number} of {path}: {error}") from error
-        text = next((row[f] for f in TEXT_FIELDS if isinstance(row, dict) and isinstance(row.get(f), str)), None)
+    for number, row in iter_jsonl(handle, path):
+        text = next((row[f] for f in TEXT_FIELDS if isinstance(row.get(f), str)), None)
         if text is None:
             raise InvalidInputError(f"line {number} of {path} has no text field; expected one of {', '.join(TEXT_FIELDS)}")
         yield Document(str(row.get("path") or row.get("citation") or number), text)
