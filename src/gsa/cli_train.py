@@ -48,6 +48,10 @@ def run_train(args) -> int:
     if args.max_steps is not None and args.max_steps < 1:
         raise InvalidInputError(f"--max-steps must be at least 1, got {args.max_steps}")
     config = load_config(args.config, args.set)
+    if not args.verbose:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # the GGUF loader's bar; the training bar stays
     # The trainer logs one line per optimiser step at INFO level.
     logging.getLogger("gsa.train").setLevel(logging.INFO)
     if not logging.getLogger().handlers:
