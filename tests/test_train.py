@@ -567,3 +567,62 @@ def test_gradient_checkpointing_same_update(tmp_path, tiny_model_dir):
         assert abs(a["loss"] - b["loss"]) < 1e-5
     for name in plain:
         assert relative_error(checkpointed[name], plain[name]) < 1e-5, name
+
+
+def test_export_refuses_existing_targets(tmp_path, capsys, tiny_model_dir):
+    config = tiny_config(tmp_path, tiny_model_dir, steps=1, grad_accum=1)
+    train(config)
+    run = config.run.out_dir
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "folder").mkdir()
+    cases = [
+        ([run, run], "is the source"),
+        ([run, f"{run}/inner"], "is the source"),
+        ([run, str(tmp_path / "afile")], "already exists"),
+        ([run, str(tmp_path / "afile"), "--force"], "not a checkpoint folder"),
+        ([run, str(tmp_path / "folder"), "--force"], "not a checkpoint folder"),
+    ]
+    for args, message in cases:
+        assert main(["export", *args]) == 2, args
+        assert message in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "x"
+    assert main(["export", run, str(tmp_path / "out")]) == 0
+    assert main(["export", run, str(tmp_path / "out")]) == 2
+    assert main(["export", run, str(tmp_path / "out"), "--force"]) == 0
+    assert sorted(p.name for p in Path(run).iterdir()) == ["latest", "loss.png", "metrics.jsonl", "step-000001"]
+
+
+def test_resume_finished_run_reports_last(tmp_path, capsys, tiny_model_dir):
+    config = tiny_config(tmp_path, tiny_model_dir, steps=2, grad_accum=1)
+    first = train(config)
+    again = train(config, resume=True)
+    assert again.step == 2
+    assert again.last_loss == first.last_loss
+    assert again.checkpoint == first.checkpoint
+
+
+def test_set_errors_name_the_option(tmp_path):
+    from gsa.train.config import load_config
+
+    path = write_toml(tmp_path / "c.toml", "[optim]\nsteps = 4\n")
+    assert load_config(path, ["adapter.kind=full", "optim.steps=7"]).adapter.kind == "full"
+    for override, message in [
+        ("optim.nope=1", r"--set optim.nope: unknown field 'nope'"),
+        ("optim.steps=ten", r"--set optim.steps has the wrong type: got 'ten'"),
+        ("bogus.x=1", r"--set bogus.x: unknown section 'bogus'"),
+        ("optim.steps", r"must look like section.field=value"),
+    ]:
+        with pytest.raises(InvalidInputError, match=message):
+            load_config(path, [override])
+
+
+@pytest.mark.parametrize("count", [1, 7, 16, 400])
+def test_task_counts_add_up(count):
+    from gsa.train.tasks import _apportion
+
+    counts = _apportion(count, {"rag-nq": 0.4, "kv-retrieval": 0.2, "passkey": 0.4})
+    assert sum(counts.values()) == count
+    assert counts["kv-retrieval"] <= counts["passkey"]
+    thirds = _apportion(count, {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
+    assert sum(thirds.values()) == count
+    assert max(thirds.values()) - min(thirds.values()) <= 1

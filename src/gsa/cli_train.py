@@ -20,7 +20,9 @@ def add_train_parser(commands) -> None:
 
     export = commands.add_parser("export", help="copy a checkpoint's trained weights without the optimiser state")
     export.add_argument("source", help="checkpoint folder, or a run folder for its latest checkpoint")
-    export.add_argument("target", help="new checkpoint folder (replaced atomically if it exists)")
+    export.add_argument("target", help="new checkpoint folder; it must not exist yet")
+    export.add_argument("--force", action="store_true", help="replace TARGET if it is an existing checkpoint folder "
+                        "(atomically; other files in it are lost)")
     export.set_defaults(handler=run_export)
 
     loss = commands.add_parser("loss", help="next-token loss on the held-out split of corpus files, with and without gists")
@@ -103,7 +105,7 @@ def run_loss(args) -> int:
 def run_export(args) -> int:
     from gsa.train.checkpoint import export_checkpoint
 
-    path = export_checkpoint(args.source, args.target)
+    path = export_checkpoint(args.source, args.target, overwrite=args.force)
     size = sum(f.stat().st_size for f in path.iterdir())
     print(json.dumps({"checkpoint": str(path), "bytes": size}))
     return 0

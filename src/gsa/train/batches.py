@@ -75,7 +75,9 @@ def build_source(config: TrainConfig, tokenizer, gist_ids: list[int], specs: dic
             )
         logger.info("packed %d training sequences of %d tokens", len(items), data.seq_len)
     else:
-        filler = corpus_tokens([_data_path(data_dir, data.filler)], tokenizer, "train", data.heldout_fraction, 400_000)[0]
+        filler = corpus_tokens(
+            [_data_path(data_dir, data.filler)], tokenizer, "train", data.heldout_fraction, data.max_corpus_tokens
+        )[0]
         items = build_task_samples(
             tokenizer, data_dir, data.tasks, data.num_samples, data.context_tokens, data.heldout_rows, filler,
             config.run.seed,

@@ -201,15 +201,29 @@ def check_compatible(trainer: dict, fingerprint: str, ratios: list[str], path: P
         )
 
 
-def export_checkpoint(source: str | Path, target: str | Path) -> Path:
+def export_checkpoint(source: str | Path, target: str | Path, overwrite: bool = False) -> Path:
     """Copy a checkpoint's trained weights and record to ``target`` without the optimiser state.
 
     The export is what inference needs (and what a later run's ``run.init_from`` reads); it
-    cannot be resumed with ``--resume``.
+    cannot be resumed with ``--resume``. ``target`` must not exist, unless ``overwrite`` is set
+    and it is itself a checkpoint folder. It may not be the source run or lie inside it.
     """
     checkpoint = load_checkpoint(source, with_state=False)
     target = Path(target)
+    _check_export_target(Path(source), target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     record = {k: v for k, v in checkpoint.trainer.items() if k != "format_version"}
     record["exported_from"] = checkpoint.path.name
     return save_checkpoint(target, checkpoint.weights, record)
+
+
+def _check_export_target(source: Path, target: Path, overwrite: bool) -> None:
+    source, resolved = source.resolve(), target.resolve()
+    if resolved == source or source in resolved.parents:
+        raise InvalidInputError(f"export target {target} is the source {source} or inside it; pass a new folder")
+    if not target.exists():
+        return
+    if not overwrite:
+        raise InvalidInputError(f"export target {target} already exists; pass a new folder (or --force to replace a checkpoint)")
+    if not (target.is_dir() and (target / MANIFEST).is_file()):
+        raise InvalidInputError(f"export target {target} exists and is not a checkpoint folder; pass a new folder")

@@ -71,7 +71,8 @@ class DataSection:
         corpus: corpus files relative to ``dir`` (plain text, ``.jsonl`` with a ``text`` field,
             either gzip-compressed with ``.gz``) or folders of ``.txt`` files; for ``pretrain``.
         seq_len: raw tokens per packed pretraining sequence (tokens).
-        max_corpus_tokens: stop reading the corpus after this many tokens per file (tokens).
+        max_corpus_tokens: stop reading a corpus file (and the pass key filler) after this many
+            tokens (tokens).
         heldout_fraction: share of corpus documents kept out of training, chosen by a stable hash
             of each document's name, for held-out loss.
         tasks: mixture weights of the fine-tuning tasks by name (``rag-nq``, ``kv-retrieval``,
@@ -241,25 +242,24 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     path = Path(path)
     if not path.is_file():
         raise InvalidInputError(f"config file {path} not found; pass the path of a .toml or .yaml file")
-    raw = _read_mapping(path)
+    config = from_dict(TrainConfig, _read_mapping(path), where=str(path))
     for override in overrides or []:
-        _apply_override(raw, override)
-    config = from_dict(TrainConfig, raw, where=str(path))
+        _apply_override(config, override)
     config.validate()
     return config
 
 
 def _read_mapping(path: Path) -> dict:
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise InvalidInputError(f"config file {path} must end in .toml, .yaml or .yml; rename it or convert it")
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
+        else:
             import yaml
 
             data = yaml.safe_load(text) or {}
-        else:
-            raise InvalidInputError(f"config file {path} must end in .toml, .yaml or .yml")
     except (tomllib.TOMLDecodeError, ValueError) as error:  # yaml.YAMLError is caught below
         raise InvalidInputError(f"config file {path} could not be parsed: {error}") from error
     except Exception as error:
@@ -271,16 +271,24 @@ def _read_mapping(path: Path) -> dict:
     return data
 
 
-def _apply_override(raw: dict, override: str) -> None:
+def _apply_override(config: TrainConfig, override: str) -> None:
+    """Set one ``section.field=value`` on ``config``, the value parsed as a TOML value or taken as a bare word."""
     key, sep, value = override.partition("=")
-    if not sep or "." not in key:
-        raise InvalidInputError(f"override {override!r} must look like section.field=value, for example optim.steps=10")
-    section, name = key.strip().split(".", 1)
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot:
+        raise InvalidInputError(f"--set {override!r} must look like section.field=value, for example optim.steps=10")
+    where = f"--set {key.strip()}"
+    target = getattr(config, section, None) if section in {f.name for f in dataclasses.fields(config)} else None
+    if target is None:
+        raise InvalidInputError(f"{where}: unknown section {section!r}; valid sections: {', '.join(f.name for f in dataclasses.fields(config))}")
+    fields = {f.name for f in dataclasses.fields(target)}
+    if name not in fields:
+        raise InvalidInputError(f"{where}: unknown field {name!r} in [{section}]; valid fields: {', '.join(sorted(fields))}")
     try:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]
     except tomllib.TOMLDecodeError:
-        parsed = value.strip()  # a bare word such as lora is taken as a string
-    raw.setdefault(section, {})[name] = parsed
+        parsed = value.strip()  # a bare word such as lora is taken as a string; the type check follows
+    setattr(target, name, _check_type(parsed, typing.get_type_hints(type(target))[name], where))
 
 
 def from_dict(cls, data: object, where: str):

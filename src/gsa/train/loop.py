@@ -6,7 +6,7 @@ gradients flow through attention over what was selected. The loop runs under ``a
 the same code serves one CPU process and ``accelerate launch`` on several processes (DDP).
 
 Data order is a pure function of (seed, step): the micro-batch of optimiser step s, accumulation
-index a and process rank r is fixed, so a resumed run sees exactly the batches an uninterrupted
+index a and process rank r is fixed, so a resumed run trains on exactly the batches an uninterrupted
 run would have seen.
 """
 
@@ -44,7 +44,7 @@ class TrainResult:
 
     out_dir: Path
     step: int
-    last_loss: float
+    last_loss: float | None  # None when nothing was trained or logged
     checkpoint: Path | None
     history: list[dict] = field(default_factory=list)
     main_process: bool = True  # False on the other ranks of a multi-process run
@@ -161,7 +161,10 @@ class Trainer:
             from gsa.train.report import plot_loss
 
             plot_loss(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
-        last = self.history[-1]["loss"] if self.history else float("nan")
+        if not self.history:  # a resumed run that had already reached optim.steps
+            logger.info("the run in %s is already complete at step %d", self.out_dir, self.step)
+            last_saved = latest_checkpoint(self.out_dir)
+        last = self.history[-1]["loss"] if self.history else _last_logged_loss(self.out_dir / "metrics.jsonl")
         return TrainResult(self.out_dir, self.step, last, last_saved, self.history, self.is_main)
 
     def _optimizer_step(self) -> dict:
@@ -323,6 +326,13 @@ def _load_optimizer_state(optimizer, tensors: dict[str, torch.Tensor] | None, tr
             state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
+
+
+def _last_logged_loss(path: Path) -> float | None:
+    if not path.is_file():
+        return None
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return json.loads(lines[-1])["loss"] if lines else None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

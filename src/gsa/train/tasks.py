@@ -48,7 +48,7 @@ def build_task_samples(
     total = sum(w for w in weights.values() if w > 0)
     if total <= 0:
         raise InvalidInputError("data.tasks has no positive weight; give at least one task a weight above 0")
-    counts = {name: round(count * w / total) for name, w in weights.items() if w > 0}
+    counts = _apportion(count, {name: w / total for name, w in weights.items() if w > 0})
     rng = random.Random(f"tasks:{seed}")
     builders = {"rag-nq": _rag_samples, "kv-retrieval": _kv_samples, "passkey": _passkey_samples}
 
@@ -125,3 +125,16 @@ def _spread(n: int, low: int, high: int) -> list[int]:
     if n == 1:
         return [max(low, 1)]
     return [max(round(low + (high - low) * i / (n - 1)), 1) for i in range(n)]
+
+
+def _apportion(count: int, shares: dict[str, float]) -> dict[str, int]:
+    """Split ``count`` by ``shares`` (summing to 1) into integers that add up to ``count``.
+
+    Each name gets the floor of its share; the remainder goes to the largest fractional parts.
+    """
+    exact = {name: count * share for name, share in shares.items()}
+    counts = {name: int(value) for name, value in exact.items()}
+    by_fraction = sorted(exact, key=lambda name: exact[name] - counts[name], reverse=True)
+    for name in by_fraction[: count - sum(counts.values())]:
+        counts[name] += 1
+    return counts
