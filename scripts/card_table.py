@@ -2,7 +2,7 @@
 
 usage: python scripts/card_table.py runs/card NAME [NAME ...]
 
-One row per NAME (a folder under the results root): held-out loss per corpus, pass key accuracy
+One row per NAME (a folder under the results root): held-out loss, pass key accuracy
 at each context length, multi-document QA accuracy, and the mean share of full attention's keys
 read per generated token.
 """
