@@ -201,9 +201,10 @@ def dense_mask(
 def block_mask(mask: MaskFunction, batch_size: int, q_len: int, kv_len: int, block_size: int = 128, device="cpu"):
     """Build a FlexAttention ``BlockMask`` from ``mask``; fully masked blocks are skipped.
 
-    NOTE: no gsa code path runs ``flex_attention`` yet. Its mask equals ``dense_mask`` (tested),
-    but with torch 2.13's eager CPU ``flex_attention`` the output under ``gist_mask`` differed from
-    SDPA on the same dense mask, while a plain causal rule matched; check outputs before use.
+    NOTE: no gsa code path runs ``flex_attention`` yet. The block mask equals ``dense_mask``
+    (tested). Even so, torch 2.13's eager CPU ``flex_attention`` gave outputs under ``gist_mask``
+    that differ from SDPA on the same dense mask, while a plain causal rule matched. Check the
+    outputs before relying on it.
     """
     from torch.nn.attention.flex_attention import create_block_mask
 

@@ -74,7 +74,7 @@ class Tiers:
         ``upper_keys[l - 2]`` and ``upper_values[l - 2]`` (B, Hk, D) are the level-l gist states,
         stored only in the rows where the new chunk completes a level-l section. Returns a
         (B, levels) mask of the rows and levels that gained a gist. Tensors that other
-        code holds are not changed: every tier that grows is a new tensor.
+        code refers to are not changed, because every tier that grows is a new tensor.
 
         NOTE: a growing tier is copied whole, so one append costs O(N). Growing by doubling a spare
         capacity would make it O(1) amortised, but forks share these tensors and consumers read N

@@ -38,7 +38,7 @@ class LevelChoice:
     picked: torch.Tensor  # (B, Hk, T, K): False marks padding
 
     def dense(self, width: int) -> torch.Tensor:
-        """The choice as a (B, Hk, T, width) boolean mask."""
+        """Return the choice as a (B, Hk, T, width) boolean mask."""
         out = torch.zeros(*self.index.shape[:3], width + 1, dtype=torch.bool, device=self.index.device)
         slot = torch.where(self.picked, self.index, width)  # padding writes to the spare last column
         return out.scatter(-1, slot, True)[..., :width]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gsa.errors import InvalidInputError
@@ -36,6 +36,7 @@ class BatchSource:
     batch_size: int
     grad_accum: int
     seed: int
+    _orders: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
     def micro_batch(self, step: int, micro: int, rank: int, world: int) -> tuple[TrainBatch, str]:
         """Return the micro-batch and its ratio for optimiser ``step``, accumulation index ``micro``."""
@@ -49,9 +50,15 @@ class BatchSource:
 
     def _item(self, position: int):
         epoch, offset = divmod(position, len(self.items))
-        order = list(range(len(self.items)))
-        random.Random(f"order:{self.seed}:{epoch}").shuffle(order)
-        return self.items[order[offset]]
+        return self.items[self._order(epoch)[offset]]
+
+    def _order(self, epoch: int) -> list[int]:
+        """Return the item order of ``epoch``, a permutation seeded by (seed, epoch), built once."""
+        if epoch not in self._orders:
+            order = list(range(len(self.items)))
+            random.Random(f"order:{self.seed}:{epoch}").shuffle(order)
+            self._orders = {epoch: order}  # one epoch at a time: micro-batches move forward
+        return self._orders[epoch]
 
     def _example(self, item, spec: GistSpec):
         if isinstance(item, TaskSample):

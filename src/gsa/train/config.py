@@ -197,10 +197,12 @@ class TrainConfig:
         _choice("data.stage", self.data.stage, STAGES)
         _choice("adapter.kind", self.adapter.kind, ADAPTERS)
         _choice("optim.precision", self.optim.precision, PRECISIONS)
+
         if not self.model.ratios:
             raise InvalidInputError("model.ratios is empty; list at least one ratio, for example [\"16\"]")
         # Written as parse_ratio reads them (lower case, no spaces), so checkpoints compare by string.
         self.model.ratios = [format_ratio(parse_ratio(ratio, "model.ratios")) for ratio in self.model.ratios]
+
         for name, value in (
             ("data.seq_len", self.data.seq_len), ("data.num_samples", self.data.num_samples),
             ("adapter.rank", self.adapter.rank), ("optim.steps", self.optim.steps),
@@ -209,6 +211,7 @@ class TrainConfig:
         ):
             if value < 1:
                 raise InvalidInputError(f"{name} must be at least 1, got {value}")
+
         if not 0.0 <= self.data.heldout_fraction < 1.0:
             raise InvalidInputError(f"data.heldout_fraction must be in [0, 1), got {self.data.heldout_fraction}")
         if not 0.0 <= self.optim.warmup_fraction < 1.0:
@@ -216,7 +219,11 @@ class TrainConfig:
         if self.optim.lr <= 0:
             raise InvalidInputError(f"optim.lr must be positive, got {self.optim.lr}")
         if self.distill.weight < 0 or self.distill.temperature <= 0:
-            raise InvalidInputError("distill.weight must be 0 or more and distill.temperature positive")
+            raise InvalidInputError(
+                f"distill.weight must be 0 or more and distill.temperature positive, got {self.distill.weight} "
+                f"and {self.distill.temperature}"
+            )
+
         unknown = sorted(set(self.data.tasks) - set(TASK_NAMES))
         if unknown:
             raise InvalidInputError(f"unknown data.tasks {unknown}; choose from: {', '.join(TASK_NAMES)}")

@@ -12,6 +12,7 @@ run would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -181,7 +182,7 @@ class Trainer:
             batch = batch.to(self.accelerator.device)
             gsa_config = GSAConfig(spec=self.specs[ratio], method="gsa", prefill="gist")
             sync = micro == optim.grad_accum - 1
-            context = self.accelerator.no_sync(self.model) if not sync else _nullcontext()
+            context = self.accelerator.no_sync(self.model) if not sync else contextlib.nullcontext()
             with context, self.accelerator.autocast():
                 loss, distill = self._micro_loss(batch, gsa_config)
                 self.accelerator.backward((loss + self.config.distill.weight * distill) / optim.grad_accum)
@@ -278,14 +279,6 @@ def _changed_fields(saved: dict, current: dict) -> list[str]:
         f"{section}.{name}" for section, fields in saved.items() for name, value in fields.items()
         if current.get(section, {}).get(name, value) != value
     )
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _enable_activation_checkpointing(model) -> None:
