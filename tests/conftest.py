@@ -25,6 +25,16 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected).norm() / expected.norm().clamp(min=1e-12))
 
 
+def skip_unavailable(kernel: str) -> None:
+    """Skip the calling test, with the reason, when the recall ``kernel`` cannot run here."""
+    if kernel == "cpp":
+        from gsa.ops.cpu_kernel import cpp_unavailable_reason
+
+        reason = cpp_unavailable_reason()
+        if reason is not None:
+            pytest.skip(reason)
+
+
 def _common(heads: int, kv_heads: int) -> dict:
     return dict(
         vocab_size=VOCAB, hidden_size=16 * heads, intermediate_size=64, num_hidden_layers=3,

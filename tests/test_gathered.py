@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from gsa.ops.attend import Visibility, attend_parts, recalled_chunks
+from gsa.ops.attend import Visibility, recalled_chunks
+from gsa.ops.recall import partial_attention
 from gsa.tiers import gather_chunk_rows
 
 
@@ -54,7 +55,7 @@ def test_gather_chunk_rows_one_row_chunks():
     assert torch.equal(gathered, gists[rows, heads, index])
 
 
-def test_attend_parts_matches_softmax():
+def test_partial_attention_matches_softmax():
     torch.manual_seed(2)
     grouped = torch.randn(2, 3, 4, 8)  # (B, Hk, G, D)
     keys = [torch.randn(2, 3, length, 8) for length in (3, 10, 1)]
@@ -63,7 +64,7 @@ def test_attend_parts_matches_softmax():
     visible[1][0, 0] = True  # at least one visible key in row (0, 0)
     visible[0][1, 2], visible[1][1, 2], visible[2][1, 2] = False, False, False  # no visible key in row (1, 2)
 
-    out = attend_parts(grouped, list(zip(keys, values, visible)))
+    out = partial_attention(grouped, list(zip(keys, values, visible))).output()
 
     all_keys, all_values, all_visible = torch.cat(keys, 2), torch.cat(values, 2), torch.cat(visible, 2)
     logits = (grouped @ all_keys.transpose(-1, -2)).masked_fill(~all_visible[:, :, None], float("-inf"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import relative_error
+from conftest import relative_error, skip_unavailable
 from gsa.config import GSAConfig
 from gsa.layout import GistSpec, collate, insert_gists
 from gsa.masks import dense_mask, gist_mask
@@ -97,13 +97,15 @@ def test_masked_tier_attention_matches_naive(heads, kv_heads, chunk_size):
 @pytest.mark.parametrize("heads,kv_heads", GQA_SHAPES)
 @pytest.mark.parametrize("method", ["gsa", "gist-only"])
 @pytest.mark.parametrize("prefill", ["gist", "dense"])
-def test_gathered_matches_masked_and_naive(heads, kv_heads, method, prefill):
+@pytest.mark.parametrize("kernel", ["torch", "cpp"])
+def test_gathered_matches_masked_and_naive(heads, kv_heads, method, prefill, kernel):
+    skip_unavailable(kernel)
     batch, tiers = ragged_tiers(chunk_size=3, kv_heads=kv_heads, seed=3)
     query = torch.randn(2, heads, 1, 8)
     slot = batch.suffix_slot[:, -1:]
     config = GSAConfig(spec=batch.spec, method=method, top_k=3, prefill=prefill)
     vis = visibility(query, tiers, slot, config, layer_idx=2, scaling=0.3)
-    gathered = attend_gathered(query, tiers, vis, 0.3)
+    gathered = attend_gathered(query, tiers, vis, 0.3, kernel=kernel)
     assert relative_error(gathered, attend_masked(query, tiers, vis, 0.3)) < TOLERANCE
     assert relative_error(gathered, naive_tier_attention(query, tiers, vis, 0.3)) < TOLERANCE
 

@@ -42,6 +42,7 @@ from gsa.config import PREFILLS, GSAConfig
 from gsa.errors import InvalidInputError
 from gsa.layout import GistSpec, collate, insert_gists, parse_ratio
 from gsa.methods import get_method
+from gsa.ops.recall import KERNELS, resolve_kernel
 from gsa.sparse import selective_attention
 from gsa.tiers import GistTier, Tiers
 
@@ -80,6 +81,7 @@ class DecodeSettings:
     copy_mb: int = 256
     seed: int = 0
     top_k: int | None = None  # chunks (and gists per level) kept per query head; None: the budget rule
+    kernels: list[str] = field(default_factory=lambda: ["auto"])  # recall kernels (gsa.ops.recall.KERNELS)
 
     def validate(self) -> None:
         """Raise ``InvalidInputError`` for a value the benchmark cannot run with."""
@@ -102,6 +104,9 @@ class DecodeSettings:
             raise InvalidInputError(f"--top-k must be at least 1, got {self.top_k}; omit it to use the budget rule")
         for method in self.methods:
             get_method(method)  # raises for an unknown name
+        unknown = [kernel for kernel in self.kernels if kernel not in KERNELS]
+        if unknown or not self.kernels:
+            raise InvalidInputError(f"unknown recall kernel {','.join(unknown)!r}; choose from {', '.join(KERNELS)}")
         if "layer" in self.scopes:
             self._check_contexts(self.contexts, "--contexts")
         if "model" in self.scopes:
@@ -122,15 +127,24 @@ class DecodeSettings:
     def sparse_methods(self) -> list[str]:
         return [method for method in self.methods if method != FULL]
 
-    def config(self, method: str, ratio: int | str | None) -> GSAConfig:
+    def config(self, method: str, ratio: int | str | None, kernel: str = "auto") -> GSAConfig:
         sizes = parse_ratio(str(ratio or 16), "--ratios")
         spec = GistSpec.from_sizes(sizes, sinks=self.sinks, window_chunks=self.window)
-        return GSAConfig(spec=spec, method=method, prefill=self.prefill, raw_tier=self.raw_tier, top_k=self.top_k)
+        return GSAConfig(spec=spec, method=method, prefill=self.prefill, raw_tier=self.raw_tier, top_k=self.top_k,
+                         recall_kernel=kernel)
 
-    def runs(self) -> list[tuple[str, int | str | None]]:
-        """(method, ratio) pairs to time at each context; ``full`` has no ratio and runs once."""
-        pairs: list[tuple[str, int | str | None]] = [(FULL, None)] if FULL in self.methods else []
-        return pairs + [(method, ratio) for method in self.sparse_methods for ratio in self.ratios]
+    def runs(self) -> list[tuple[str, int | str | None, str | None]]:
+        """Return the (method, ratio, kernel) runs of each context. ``full`` has no ratio or kernel and runs once."""
+        runs: list[tuple[str, int | str | None, str | None]] = [(FULL, None, None)] if FULL in self.methods else []
+        return runs + [(method, ratio, kernel) for method in self.sparse_methods for ratio in self.ratios
+                       for kernel in self.kernels]
+
+    def kernel_name(self, kernel: str | None) -> str | None:
+        """Name the kernel that ``kernel`` resolves to for this benchmark's tensors (``auto`` included)."""
+        if kernel is None:
+            return None
+        chunks = torch.empty(0, dtype=self.dtype)
+        return resolve_kernel(kernel, torch.empty(0), chunks)
 
 
 def run_decode_bench(settings: DecodeSettings, generator=None) -> dict:
@@ -167,7 +181,10 @@ def run_decode_bench(settings: DecodeSettings, generator=None) -> dict:
 
 
 def _add_derived_fields(points: list[dict], bandwidth: float, compute: float) -> None:
-    """Add achieved bandwidth and compute rate, both bounds and the speed-up over ``full`` at the same context.
+    """Add bytes read, achieved bandwidth and compute rate, both bounds and the speed-up over ``full``.
+
+    ``bytes_read`` counts the attended keys and values plus the keys scored to choose them, since a
+    step reads both; ``bound_ms`` is that over the copy bandwidth.
 
     Model-scope points count no FLOPs (their weights dominate and are not counted), so their
     ``roofline_ms`` is ``None``.
@@ -175,13 +192,13 @@ def _add_derived_fields(points: list[dict], bandwidth: float, compute: float) ->
     full_ms = {(p["scope"], p["context"]): p["step_ms"] for p in points if p["method"] == FULL}
     for point in points:
         seconds = point["step_ms"] / 1e3
-        point["achieved_gbps"] = point["kv_bytes_read"] / seconds / 1e9
-        point["bound_ms"] = bound_ms(point["kv_bytes_read"], bandwidth)
         flops = point.setdefault("step_flops", None)
         point.setdefault("score_bytes_read", None)
+        point["bytes_read"] = point["kv_bytes_read"] + (point["score_bytes_read"] or 0.0)
+        point["achieved_gbps"] = point["bytes_read"] / seconds / 1e9
+        point["bound_ms"] = bound_ms(point["bytes_read"], bandwidth)
         point["achieved_gflops"] = flops / seconds / 1e9 if flops is not None else None
-        point["roofline_ms"] = (roofline_ms(point["kv_bytes_read"] + point["score_bytes_read"], flops, bandwidth, compute)
-                                if flops is not None else None)
+        point["roofline_ms"] = roofline_ms(point["bytes_read"], flops, bandwidth, compute) if flops is not None else None
         full = full_ms.get((point["scope"], point["context"]))
         point["speedup_vs_full"] = full / point["step_ms"] if full is not None else None
 
@@ -258,12 +275,14 @@ def layer_points(settings: DecodeSettings) -> list[dict]:
     for context in settings.contexts:
         keys, values = synthetic_kv(context, settings, generator)
         query = torch.randn(settings.batch, heads, 1, settings.head_dim, generator=generator, dtype=settings.dtype)
-        for method, ratio in settings.runs():
+        for method, ratio, kernel in settings.runs():
             if method == FULL:
                 point = _time_full_layer(query, keys, values, settings)
             else:
-                point = _time_sparse_layer(query, keys, values, method, ratio, settings, generator)
-            point.update(method=method, ratio=ratio, context=context, scope="layer")
+                point = _time_sparse_layer(query, keys, values, settings.config(method, ratio, kernel), settings,
+                                           generator)
+            point.update(method=method, ratio=ratio, kernel=settings.kernel_name(kernel), context=context,
+                         scope="layer")
             logger.info("layer %s@%s context %d: %.3f ms", method, ratio, context, point["step_ms"])
             points.append(point)
         del keys, values
@@ -284,9 +303,9 @@ def _time_full_layer(query, keys, values, settings: DecodeSettings) -> dict:
 
 
 @torch.inference_mode()
-def _time_sparse_layer(query, keys, values, method: str, ratio: int, settings: DecodeSettings,
+def _time_sparse_layer(query, keys, values, config: GSAConfig, settings: DecodeSettings,
                        generator: torch.Generator) -> dict:
-    config = settings.config(method, ratio)
+    method = config.method
     tiers, query_slot = synthetic_tiers(keys, values, config.spec, generator)
     scaling = settings.head_dim ** -0.5
 
@@ -372,9 +391,10 @@ def model_points(settings: DecodeSettings, generator) -> list[dict]:
     points = []
     for context in settings.model_contexts:
         context_ids = (document_ids * math.ceil(context / len(document_ids)))[:context]
-        for method, ratio in settings.runs():
-            point = _time_model_step(generator, context_ids, settings.config(method, ratio), settings)
-            point.update(method=method, ratio=ratio, context=context, scope="model")
+        for method, ratio, kernel in settings.runs():
+            point = _time_model_step(generator, context_ids, settings.config(method, ratio, kernel or "auto"), settings)
+            point.update(method=method, ratio=ratio, kernel=settings.kernel_name(kernel), context=context,
+                         scope="model")
             logger.info("model %s@%s context %d: %.3f ms", method, ratio, context, point["step_ms"])
             points.append(point)
     return points
@@ -446,6 +466,7 @@ def _time_model_step(generator, context_ids: list[int], config: GSAConfig, setti
 
 TABLE_COLUMNS = [
     ("scope", "scope", ""), ("context", "context", "d"), ("method", "method", ""), ("ratio", "ratio", ""),
+    ("kernel", "kernel", ""),
     ("step_ms", "step ms", ".3f"), ("speedup_vs_full", "full/step", ".2f"), ("gists_scored", "scored", ".0f"),
     ("keys_attended", "keys", ".0f"),
     ("kv_mb", "KV MB", ".2f"), ("achieved_gbps", "GB/s", ".1f"), ("bound_ms", "bound ms", ".3f"),
@@ -459,6 +480,7 @@ def format_decode_table(result: dict) -> str:
     for point in result["points"]:
         flops = point.get("step_flops")
         rows.append(dict(point, kv_mb=point["kv_bytes_read"] / 1e6, ratio=point["ratio"] or "-",
+                         kernel=point.get("kernel") or "-",
                          mflop=flops / 1e6 if flops is not None else None))
     title = (f"decode step, {result['dtype']}, batch {result['batch']}, {result['threads']} threads, "
              f"copy bandwidth {result['bandwidth_gbps']:.1f} GB/s, compute {result['compute_gflops']:.1f} GFLOP/s")
@@ -470,12 +492,15 @@ def plot_decode(result: dict, path: Path) -> Path:
     method@ratio. A dotted line marks the time to stream the full KV at the copy bandwidth."""
     scopes = [scope for scope in SCOPES if any(p["scope"] == scope for p in result["points"])]
     figure = new_figure(6.4 * max(len(scopes), 1), 4.6)
+    several_kernels = len({point.get("kernel") for point in result["points"] if point.get("kernel")}) > 1
     for index, scope in enumerate(scopes):
         series: dict[str, list[tuple[float, float]]] = {}
         for point in result["points"]:
             if point["scope"] != scope:
                 continue
             label = FULL if point["ratio"] is None else f"{point['method']}@{point['ratio']}"
+            if point.get("kernel") and several_kernels:
+                label += f" ({point['kernel']})"
             series.setdefault(label, []).append((point["context"], point["step_ms"]))
             if point["method"] == FULL:
                 series.setdefault("bound: full KV at copy bandwidth", []).append((point["context"], point["bound_ms"]))

@@ -147,6 +147,9 @@ def _add_bench_parsers(commands) -> None:
     decode.add_argument("--raw-tier", default="device", choices=RAW_TIERS, help="model scope: where the cache keeps "
                         "raw chunk KV (device, host or disk); each model point reports resident_kv_bytes and "
                         "stored_kv_bytes in bytes (default device)")
+    decode.add_argument("--recall-kernels", default="auto", help="kernels of the attention over recalled chunks, "
+                        "comma-separated: auto, torch (gather, then products), cpp (C++, reads chunks in place, CPU) "
+                        "or triton (CUDA); each sparse point runs once per kernel (default auto)")
     decode.add_argument("--copy-mb", type=int, default=256, help="size of the bandwidth copy benchmark in MiB (default 256)")
     _add_bench_options(decode, repeats=20, warmup=3, plot="bench_decode.png")
     decode.set_defaults(handler=run_bench_decode)
@@ -432,7 +435,7 @@ def run_bench_decode(args) -> int:
         model_contexts=parse_sizes(args.model_contexts, "--model-contexts"), kv_heads=args.kv_heads,
         head_dim=args.head_dim, group=args.group, batch=args.batch, dtype=DTYPES[args.dtype], prefill=args.prefill,
         raw_tier=args.raw_tier, sinks=args.sinks, window=args.window, repeats=args.repeats, warmup=args.warmup, copy_mb=args.copy_mb,
-        seed=args.seed, top_k=args.top_k,
+        seed=args.seed, top_k=args.top_k, kernels=parse_names(args.recall_kernels, "--recall-kernels"),
     )
     settings.validate()
     _set_threads(args.threads)

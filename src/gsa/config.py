@@ -9,6 +9,7 @@ from gsa.chunk_store import RAW_TIERS
 from gsa.errors import InvalidInputError
 from gsa.layout import GistSpec
 from gsa.methods import get_method
+from gsa.ops.recall import KERNELS
 
 MERGES = ("union", "group-sum")
 PREFILLS = ("gist", "dense")
@@ -51,6 +52,9 @@ class GSAConfig:
             device tier.
         offload_dir: folder for the disk tier's files; ``None`` uses a temporary folder. Each
             file is removed when its cache is closed or garbage-collected.
+        recall_kernel: kernel of a decode step's attention over the recalled chunks (``gsa.ops.recall``):
+            ``auto`` (the ``GSA_RECALL_KERNEL`` variable if set, else Triton on CUDA, the C++ kernel
+            on the CPU, PyTorch otherwise), ``torch``, ``cpp`` or ``triton``.
     """
 
     spec: GistSpec = field(default_factory=GistSpec)
@@ -65,6 +69,7 @@ class GSAConfig:
     raw_tier: str = "device"
     lru_chunks: int = 0
     offload_dir: str | None = None
+    recall_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         get_method(self.method)  # raises for an unknown name
@@ -72,6 +77,7 @@ class GSAConfig:
         _check_choice("prefill", self.prefill, PREFILLS)
         _check_choice("impl", self.impl, IMPLS)
         _check_choice("raw tier", self.raw_tier, RAW_TIERS)
+        _check_choice("recall kernel", self.recall_kernel, KERNELS)
         if self.lru_chunks < 0:
             raise InvalidInputError(f"lru-chunks must be 0 or more, got {self.lru_chunks}; use 0 to disable the LRU")
         if self.offload_dir is not None and not os.path.isdir(self.offload_dir):

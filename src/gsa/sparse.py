@@ -203,7 +203,7 @@ def selective_attention(
     if config.impl == "naive":
         out = naive_tier_attention(query, tiers, vis, scaling)
     elif query.shape[2] == 1:
-        out = attend_gathered(query, tiers, vis, scaling)
+        out = attend_gathered(query, tiers, vis, scaling, kernel=config.recall_kernel)
     else:
         out = attend_masked(query, tiers, vis, scaling)
     return out, KeyCounts(*attended_counts(tiers, vis), scored=vis.scored)

@@ -4,7 +4,7 @@ Two paths compute the same result:
 
 - ``attend_masked`` concatenates all tiers and masks what is not visible. It serves any number of
   queries (the suffix during prefill) and is the dense twin of the gathered path.
-- ``attend_gathered`` serves one query per row (a decode step): it gathers only the recalled
+- ``attend_gathered`` serves one query per row (a decode step): it reads only the recalled
   chunks and their gists, so its cost grows with the budget rather than with the context.
 
 Shape legend: B batch, T queries, H query heads, Hk KV heads, G = H / Hk, D head dim, N chunks,
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from gsa.ops.recall import Partial, gathered_attention, partial_attention, recalled_attention, resolve_kernel
 from gsa.tiers import Tiers
 
 
@@ -102,66 +103,49 @@ def attend_masked(query: torch.Tensor, tiers: Tiers, vis: Visibility, scaling: f
     return out.reshape(batch, heads, length, dim)
 
 
-def attend_gathered(query: torch.Tensor, tiers: Tiers, vis: Visibility, scaling: float) -> torch.Tensor:
+def attend_gathered(query: torch.Tensor, tiers: Tiers, vis: Visibility, scaling: float,
+                    kernel: str = "auto") -> torch.Tensor:
     """Attend one query per row (T = 1) to sinks, recalled chunks, their gists and recent tokens.
 
-    With ``gist_mode="all"`` (the ``gist-only`` method and layer 0) every gist is read, because
-    every gist is attended there.
+    The recalled chunks go through ``recalled_attention`` with ``kernel`` (see ``gsa.ops.recall``);
+    the other tiers are small and go through PyTorch products. With ``gist_mode="all"`` (the
+    ``gist-only`` method and layer 0) every gist is read, because every gist is attended there.
     """
     batch, heads, length, dim = query.shape
     if length != 1:
         raise ValueError(f"the gathered path takes one query per row, got {length}")
     kv_heads = tiers.num_kv_heads
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim).float() * scaling  # (B, Hk, G, D)
     index, picked = recalled_chunks(vis)  # (B, Hk, K)
+    recalled = _recalled_partial(grouped, tiers, index, picked, with_gists=vis.gist_mode == "chunks", kernel=kernel)
+
+    # Every other tier: sinks, all gists in "all" mode, recent tokens and upper gists.
     b = torch.arange(batch, device=query.device)[:, None, None]
     h = torch.arange(kv_heads, device=query.device)[None, :, None]
-    raw_k, raw_v = tiers.gather_chunks(index)  # (B, Hk, K, Cm, D)
-    raw_k, raw_v = raw_k.flatten(2, 3), raw_v.flatten(2, 3)  # (B, Hk, K*Cm, D)
-    raw_on = (tiers.chunk_valid[b, index] & picked[..., None]).flatten(2, 3)  # (B, Hk, K*Cm)
-
-    # Gists: those of the recalled chunks, every visible gist, or none when gists only route.
-    if vis.gist_mode == "chunks":
-        (gist_k, gist_v), gist_on = tiers.gather_gists(index), picked
-    elif vis.gist_mode == "all":
-        gist_k, gist_v, gist_on = tiers.gist_k, tiers.gist_v, vis.gist_on[:, :, 0]
-    else:
-        gist_k, gist_v, gist_on = tiers.gist_k[:, :, :0], tiers.gist_v[:, :, :0], picked[..., :0]
-
-    parts = [
-        (tiers.sink_k, tiers.sink_v, tiers.sink_valid[:, None].expand(-1, kv_heads, -1)),
-        (raw_k, raw_v, raw_on),
-        (gist_k, gist_v, gist_on),
-        (tiers.recent_k, tiers.recent_v, vis.recent_on[:, 0][:, None].expand(-1, kv_heads, -1)),
-        *_upper_parts(tiers, vis, b, h),
-    ]
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim).float() * scaling  # (B, Hk, G, D)
-    return attend_parts(grouped, parts).to(query.dtype).reshape(batch, heads, 1, dim)
+    parts = [(tiers.sink_k, tiers.sink_v, tiers.sink_valid[:, None].expand(-1, kv_heads, -1))]
+    if vis.gist_mode == "all":
+        parts.append((tiers.gist_k, tiers.gist_v, vis.gist_on[:, :, 0]))
+    parts.append((tiers.recent_k, tiers.recent_v, vis.recent_on[:, 0][:, None].expand(-1, kv_heads, -1)))
+    parts += _upper_parts(tiers, vis, b, h)
+    out = recalled.merge(partial_attention(grouped, parts)).output()  # (B, Hk, G, D)
+    return out.to(query.dtype).reshape(batch, heads, 1, dim)
 
 
-def attend_parts(grouped: torch.Tensor, parts: list[tuple]) -> torch.Tensor:
-    """Attend scaled queries (B, Hk, G, D) to key groups without concatenating their keys and values.
+def _recalled_partial(grouped: torch.Tensor, tiers: Tiers, index: torch.Tensor, picked: torch.Tensor,
+                      with_gists: bool, kernel: str) -> Partial:
+    """Attend the recalled chunks (and their gists), in place where a kernel can read the tier.
 
-    ``parts`` lists (keys, values, visible) triples of (B, Hk, L_i, D), (B, Hk, L_i, D) and
-    (B, Hk, L_i). One softmax runs over the concatenated logits: the exponentials are summed with
-    the values first and divided by their total once, on the (B, Hk, G, D) output. A row with no visible key returns zeros. Logits are computed
-    as keys @ queries^T, (B, Hk, L_i, G), because on the CPU that matrix product streams the keys
-    about twice as fast as queries @ keys^T (measured with torch 2.13 on an AMD EPYC CPU).
+    Chunks held by a ``ChunkStore`` and the ``torch`` kernel go through ``Tiers.gather_chunks``,
+    which reuses its gather buffers between steps.
     """
-    logits = []
-    for keys, _, visible in parts:
-        part = torch.matmul(keys.float(), grouped.transpose(-1, -2))  # (B, Hk, L_i, G)
-        logits.append(part.masked_fill_(~visible[..., None], float("-inf")).transpose(-1, -2))
-    logits = torch.cat(logits, dim=-1)  # (B, Hk, G, L), contiguous so the reductions run along rows
-    top = logits.amax(dim=-1, keepdim=True)  # (B, Hk, G, 1)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a row with no visible key stays -inf
-    weights = torch.exp_(logits.sub_(top))  # exp(-inf) = 0 for hidden keys
-    total = weights.sum(dim=-1, keepdim=True)  # (B, Hk, G, 1)
-    sizes = [keys.shape[2] for keys, _, _ in parts]
-    out = None
-    for (_, values, _), part in zip(parts, weights.split(sizes, dim=-1)):
-        term = torch.matmul(part, values.float())  # (B, Hk, G, D)
-        out = term if out is None else out.add_(term)
-    return out / total.clamp(min=torch.finfo(total.dtype).tiny)
+    name = resolve_kernel(kernel, grouped, tiers.chunk_k) if tiers.store is None else "torch"
+    if name != "torch":
+        gist_k, gist_v = (tiers.gist_k, tiers.gist_v) if with_gists else (None, None)
+        return recalled_attention(grouped, tiers.chunk_k, tiers.chunk_v, tiers.chunk_valid, index, picked,
+                                  gist_k, gist_v, kernel=name)
+    raw_k, raw_v = tiers.gather_chunks(index)  # (B, Hk, K, Cm, D)
+    gists = tiers.gather_gists(index) if with_gists else None  # (B, Hk, K, D) each
+    return gathered_attention(grouped, raw_k, raw_v, tiers.chunk_valid, index, picked, gists)
 
 
 def recalled_chunks(vis: Visibility) -> tuple[torch.Tensor, torch.Tensor]:

@@ -170,3 +170,41 @@ def _softmax_attend(q: torch.Tensor, keys: list, values: list, scaling: float) -
     weights = [math.exp(x - top) for x in logits]
     total = sum(weights)
     return sum(w / total * v.double() for w, v in zip(weights, values))
+
+
+def naive_recalled_attention(
+    grouped: torch.Tensor, chunk_k: torch.Tensor, chunk_v: torch.Tensor, chunk_valid: torch.Tensor,
+    index: torch.Tensor, picked: torch.Tensor, gist_k: torch.Tensor | None = None, gist_v: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loop twin of ``recalled_attention``: returns the (B, Hk, G, D) output and the (B, Hk, G) log-sum-exp.
+
+    Queries are already scaled. Every picked entry of ``index`` (B, Hk, K) contributes the valid
+    tokens of its chunk, then the chunk's gist when ``gist_k`` is given. A row with no visible key
+    gets a zero output and a log-sum-exp of -inf. Computed in float64.
+    """
+    batch, kv_heads, group, dim = grouped.shape
+    out = torch.zeros(batch, kv_heads, group, dim, dtype=torch.float64)
+    lse = torch.full((batch, kv_heads, group), float("-inf"), dtype=torch.float64)
+    for b in range(batch):
+        for hk in range(kv_heads):
+            keys, values = [], []
+            for slot in range(index.shape[2]):
+                if not picked[b, hk, slot]:
+                    continue
+                n = int(index[b, hk, slot])
+                for c in range(chunk_valid.shape[2]):
+                    if chunk_valid[b, n, c]:
+                        keys.append(chunk_k[b, hk, n, c])
+                        values.append(chunk_v[b, hk, n, c])
+                if gist_k is not None:
+                    keys.append(gist_k[b, hk, n])
+                    values.append(gist_v[b, hk, n])
+            if not keys:
+                continue
+            for g in range(group):
+                logits = [float(grouped[b, hk, g].double() @ k.double()) for k in keys]
+                top = max(logits)
+                total = sum(math.exp(x - top) for x in logits)
+                out[b, hk, g] = _softmax_attend(grouped[b, hk, g], keys, values, 1.0)
+                lse[b, hk, g] = top + math.log(total)
+    return out, lse

@@ -1,0 +1,118 @@
+"""Build and call the C++ CPU kernel of ``recalled_attention`` (``gsa/csrc/recall_attention.cpp``).
+
+The kernel reads the recalled chunks in place, where the PyTorch path first copies them into a
+buffer and then reads that copy twice. It is compiled with ``torch.utils.cpp_extension`` on first
+use (about 20 s on two cores) and cached under ``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``. ``python -m gsa.ops.cpu_kernel`` builds it ahead of time.
+
+When the build fails (no C++ compiler, for example), ``cpp_available`` is false, one warning
+gives the reason, and ``recalled_attention`` falls back to the PyTorch path. Set
+``GSA_RECALL_KERNEL=torch`` to skip the kernel altogether.
+
+Shape legend: B batch, Hk KV heads, G query heads per KV head, D head dim, N chunks, Cm max chunk
+length, K recalled chunks per KV head.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from gsa.errors import InvalidInputError
+from gsa.ops.recall import Partial
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "recall_attention.cpp"
+
+
+def cpp_supports(grouped: torch.Tensor, chunk_k: torch.Tensor) -> bool:
+    """Tell whether the kernel can serve these tensors: float32 on the CPU, with a contiguous chunk tier."""
+    return (grouped.device.type == "cpu" and chunk_k.device.type == "cpu" and grouped.dtype == torch.float32
+            and chunk_k.dtype == torch.float32 and chunk_k.is_contiguous())
+
+
+def cpp_available() -> bool:
+    """Tell whether the kernel is built and loaded, building it on the first call."""
+    return cpp_unavailable_reason() is None
+
+
+@functools.cache
+def cpp_unavailable_reason() -> str | None:
+    """Build and load the kernel once. Return None on success, or the reason it cannot run."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = ["-O3", "-fopenmp-simd"]
+    if capability.startswith("AVX"):  # AVX2 and AVX512 machines both run AVX2 with FMA
+        flags += ["-mavx2", "-mfma"]
+    try:
+        from torch.utils.cpp_extension import load
+
+        logger.info("building the CPU recall kernel (once per machine, cached by torch.utils.cpp_extension)")
+        load(name=f"gsa_recall_{capability.lower()}", sources=[str(SOURCE)], extra_cflags=flags,
+             is_python_module=False, verbose=False)
+    except Exception as error:  # a missing compiler or failed build surfaces as several exception types
+        reason = f"the CPU recall kernel failed to build ({type(error).__name__}: {error})"
+        logger.warning("%s; falling back to the PyTorch path. Set GSA_RECALL_KERNEL=torch to skip the build.",
+                       reason.splitlines()[0])
+        return reason
+    return None
+
+
+def cpp_recalled_attention(grouped, chunk_k, chunk_v, chunk_valid, index, picked, gist_k=None, gist_v=None) -> Partial:
+    """Run ``recalled_attention`` with the C++ kernel (arguments as in ``gsa.ops.recall.recalled_attention``)."""
+    _check_inputs(grouped, chunk_k, chunk_v, chunk_valid, index, picked, gist_k, gist_v)
+    reason = cpp_unavailable_reason()
+    if reason is not None:
+        raise InvalidInputError(f"{reason}; use the torch recall kernel instead")
+    if gist_k is None:
+        gist_k = gist_v = grouped.new_empty(0)
+    numer, top, total = torch.ops.gsa_cpu.recall_attention(
+        grouped.contiguous(), chunk_k, chunk_v.contiguous(), chunk_valid.contiguous(), index.contiguous(),
+        picked.contiguous(), gist_k.float().contiguous(), gist_v.float().contiguous())
+    return Partial(numer, top, total)
+
+
+def _check_inputs(grouped, chunk_k, chunk_v, chunk_valid, index, picked, gist_k, gist_v) -> None:
+    """Raise ``InvalidInputError`` naming the first tensor the kernel cannot take."""
+    if not cpp_supports(grouped, chunk_k):
+        raise InvalidInputError(
+            f"the CPU recall kernel takes float32 CPU queries and a contiguous float32 CPU chunk tier, got "
+            f"{grouped.dtype} queries on {grouped.device} and {chunk_k.dtype} chunks on {chunk_k.device}; "
+            "use the torch recall kernel for other tensors")
+    batch, kv_heads, group, dim = grouped.shape
+    num_chunks, chunk_len = chunk_k.shape[2], chunk_k.shape[3]
+    expected = {
+        "chunk_k": (chunk_k, (batch, kv_heads, num_chunks, chunk_len, dim), torch.float32),
+        "chunk_v": (chunk_v, (batch, kv_heads, num_chunks, chunk_len, dim), torch.float32),
+        "chunk_valid": (chunk_valid, (batch, num_chunks, chunk_len), torch.bool),
+        "index": (index, (batch, kv_heads, index.shape[-1]), torch.int64),
+        "picked": (picked, tuple(index.shape), torch.bool),
+    }
+    if (gist_k is None) != (gist_v is None):
+        raise InvalidInputError("pass both gist_k and gist_v, or neither")
+    if gist_k is not None:
+        expected["gist_k"] = (gist_k, (batch, kv_heads, num_chunks, dim), gist_k.dtype)
+        expected["gist_v"] = (gist_v, (batch, kv_heads, num_chunks, dim), gist_v.dtype)
+    for name, (tensor, shape, dtype) in expected.items():
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype or tensor.device.type != "cpu":
+            raise InvalidInputError(f"{name} is {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}; "
+                                    f"the CPU recall kernel expects {shape} {dtype} on the CPU")
+
+
+def main() -> int:
+    """Build the kernel now, so that the first decode step does not wait for the compiler."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    reason = cpp_unavailable_reason()
+    if reason is not None:
+        print(reason, file=sys.stderr)
+        return 1
+    print("the CPU recall kernel is built and loads")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
