@@ -45,7 +45,10 @@ def cpp_available() -> bool:
 def cpp_unavailable_reason() -> str | None:
     """Build and load the kernel once. Return None on success, or the reason it cannot run."""
     capability = torch.backends.cpu.get_cpu_capability()
-    flags = ["-O3", "-fopenmp-simd"]
+    # at::parallel_for is an OpenMP region compiled into the extension, so without -fopenmp it runs
+    # on one thread. The extension then needs libgomp.so.1, which resolves to the copy that torch
+    # has already loaded, so torch and the kernel share one thread pool.
+    flags = ["-O3", "-fopenmp"]
     if capability.startswith("AVX"):  # AVX2 and AVX512 machines both run AVX2 with FMA
         flags += ["-mavx2", "-mfma"]
     try:
@@ -53,7 +56,7 @@ def cpp_unavailable_reason() -> str | None:
 
         logger.info("building the CPU recall kernel (once per machine, cached by torch.utils.cpp_extension)")
         load(name=f"gsa_recall_{capability.lower()}", sources=[str(SOURCE)], extra_cflags=flags,
-             is_python_module=False, verbose=False)
+             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as error:  # a missing compiler or failed build surfaces as several exception types
         reason = f"the CPU recall kernel failed to build ({type(error).__name__}: {error})"
         logger.warning("%s; falling back to the PyTorch path. Set GSA_RECALL_KERNEL=torch to skip the build.",
