@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+from conftest import skip_unavailable
 from gsa import cli
 from gsa.bench import parse_sizes, size_label
 from gsa.bench import roofline_ms
@@ -219,6 +220,24 @@ def test_decode_roofline_is_larger_bound():
         assert point["roofline_ms"] == pytest.approx(max(memory_ms, compute_ms), rel=1e-12)
         assert point["roofline_ms"] >= point["bound_ms"]
         assert point["achieved_gflops"] == pytest.approx(point["step_flops"] / point["step_ms"] / 1e6, rel=1e-12)
+
+
+def test_decode_kernels_same_work():
+    skip_unavailable("cpp")
+    result = run_decode_bench(tiny_settings(methods=["full", "gsa"], kernels=["torch", "cpp"], top_k=2))
+    by_kernel = {point["kernel"]: point for point in result["points"]}
+    assert set(by_kernel) == {None, "torch", "cpp"}
+    for field in ("keys_attended", "kv_bytes_read", "score_bytes_read", "step_flops"):
+        assert by_kernel["torch"][field] == by_kernel["cpp"][field]
+    for point in result["points"]:
+        read = point["kv_bytes_read"] + (point["score_bytes_read"] or 0.0)
+        assert point["bytes_read"] == read
+        assert point["bound_ms"] == pytest.approx(read / (result["bandwidth_gbps"] * 1e9) * 1e3, rel=1e-12)
+
+
+def test_decode_rejects_unknown_kernel():
+    with pytest.raises(InvalidInputError, match="unknown recall kernel 'gpu'"):
+        run_decode_bench(tiny_settings(kernels=["torch", "gpu"]))
 
 
 def test_roofline_ms_picks_slower_limit():

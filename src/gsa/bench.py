@@ -163,14 +163,16 @@ def new_figure(width: float, height: float):
 
 
 def plot_lines(axes, series: dict[str, list[tuple[float, float]]], title: str, ylabel: str,
-               xlabel: str = "context length (keys)") -> None:
+               xlabel: str = "context length (keys)", styles: dict[str, dict] | None = None) -> None:
     """Draw each named series of (context, value) points on log-log axes with a tick at each context.
 
     A series whose label starts with ``bound`` is drawn as a dotted grey line without markers.
+    ``styles`` maps a label to extra ``Axes.plot`` keyword arguments, such as a color or line style.
     """
     for label, points in series.items():
         points = sorted(points)
         style = {"linestyle": ":", "color": "grey"} if label.startswith("bound") else {"marker": "o"}
+        style.update((styles or {}).get(label, {}))
         axes.plot([x for x, _ in points], [y for _, y in points], label=label, **style)
     axes.set_xscale("log", base=2)
     axes.set_yscale("log")

@@ -183,8 +183,8 @@ def run_decode_bench(settings: DecodeSettings, generator=None) -> dict:
 def _add_derived_fields(points: list[dict], bandwidth: float, compute: float) -> None:
     """Add bytes read, achieved bandwidth and compute rate, both bounds and the speed-up over ``full``.
 
-    ``bytes_read`` counts the attended keys and values plus the keys scored to choose them, since a
-    step reads both; ``bound_ms`` is that over the copy bandwidth.
+    ``bytes_read`` counts the attended keys and values plus the keys scored to choose them, because
+    a step reads both. ``bound_ms`` is ``bytes_read`` over the copy bandwidth.
 
     Model-scope points count no FLOPs (their weights dominate and are not counted), so their
     ``roofline_ms`` is ``None``.
@@ -464,6 +464,8 @@ def _time_model_step(generator, context_ids: list[int], config: GSAConfig, setti
 # Output
 
 
+KERNEL_LINES = {"torch": "--", "cpp": "-", "triton": "-."}  # line style of each recall kernel in the plot
+
 TABLE_COLUMNS = [
     ("scope", "scope", ""), ("context", "context", "d"), ("method", "method", ""), ("ratio", "ratio", ""),
     ("kernel", "kernel", ""),
@@ -493,17 +495,21 @@ def plot_decode(result: dict, path: Path) -> Path:
     scopes = [scope for scope in SCOPES if any(p["scope"] == scope for p in result["points"])]
     figure = new_figure(6.4 * max(len(scopes), 1), 4.6)
     several_kernels = len({point.get("kernel") for point in result["points"] if point.get("kernel")}) > 1
+    colors: dict[str, str] = {}  # one color per method@ratio, shared by its kernels
     for index, scope in enumerate(scopes):
         series: dict[str, list[tuple[float, float]]] = {}
+        styles: dict[str, dict] = {}
         for point in result["points"]:
             if point["scope"] != scope:
                 continue
             label = FULL if point["ratio"] is None else f"{point['method']}@{point['ratio']}"
+            color = colors.setdefault(label, f"C{len(colors) % 10}")
             if point.get("kernel") and several_kernels:
                 label += f" ({point['kernel']})"
+            styles[label] = {"color": color, "linestyle": KERNEL_LINES.get(point.get("kernel"), "-")}
             series.setdefault(label, []).append((point["context"], point["step_ms"]))
             if point["method"] == FULL:
                 series.setdefault("bound: full KV at copy bandwidth", []).append((point["context"], point["bound_ms"]))
         axes = figure.add_subplot(1, len(scopes), index + 1)
-        plot_lines(axes, series, f"decode step, {scope} scope ({result['dtype']})", "step time (ms)")
+        plot_lines(axes, series, f"decode step, {scope} scope ({result['dtype']})", "step time (ms)", styles=styles)
     return save_figure(figure, path)

@@ -53,8 +53,8 @@ class GSAConfig:
         offload_dir: folder for the disk tier's files; ``None`` uses a temporary folder. Each
             file is removed when its cache is closed or garbage-collected.
         recall_kernel: kernel of a decode step's attention over the recalled chunks (``gsa.ops.recall``):
-            ``auto`` (the ``GSA_RECALL_KERNEL`` variable if set, else Triton on CUDA, the C++ kernel
-            on the CPU, PyTorch otherwise), ``torch``, ``cpp`` or ``triton``.
+            ``auto`` (the ``GSA_RECALL_KERNEL`` variable if set, else the C++ kernel for float32 on
+            the CPU and PyTorch otherwise), ``torch``, ``cpp`` or ``triton`` (CUDA, opt-in).
     """
 
     spec: GistSpec = field(default_factory=GistSpec)

@@ -9,7 +9,8 @@ the same partial softmax over those chunks (and, optionally, each recalled chunk
   the tier, with an online softmax, compiled on first use (``gsa.ops.cpu_kernel``). CPU only.
 - ``triton``: a Triton kernel of the same contract for CUDA tensors (``gsa.ops.triton_recall``).
 
-``auto`` takes the first of ``triton``, ``cpp`` and ``torch`` that can serve the tensors.
+``auto`` takes ``cpp`` for float32 CPU tensors when the kernel builds, and ``torch`` otherwise;
+``triton`` runs only when requested.
 ``naive_recalled_attention`` in ``gsa.ops.naive`` is the loop twin that all of them are tested
 against.
 
@@ -152,7 +153,7 @@ def gathered_attention(grouped: torch.Tensor, raw_k: torch.Tensor, raw_v: torch.
 
 
 def resolve_kernel(kernel: str, grouped: torch.Tensor, chunk_k: torch.Tensor) -> str:
-    """Return the kernel that serves these tensors: the requested one, or for ``auto`` the fastest available."""
+    """Return the kernel that serves these tensors: the requested one, or for ``auto`` the best available."""
     if kernel not in KERNELS:
         raise InvalidInputError(f"invalid recall kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
     if kernel == "auto":
@@ -161,9 +162,8 @@ def resolve_kernel(kernel: str, grouped: torch.Tensor, chunk_k: torch.Tensor) ->
             raise InvalidInputError(f"invalid {KERNEL_ENV}={kernel!r}; set it to one of {', '.join(KERNELS)}")
     if kernel != "auto":
         return kernel
-    if chunk_k.is_cuda:
-        from gsa.ops.triton_recall import triton_available
-        return "triton" if triton_available() else "torch"
+    # NOTE: CUDA tensors take the PyTorch path unless triton is requested, because the Triton
+    # kernel has run only in Triton's CPU interpreter, never compiled on a GPU.
     if chunk_k.device.type == "cpu":
         from gsa.ops.cpu_kernel import cpp_available, cpp_supports
         if cpp_supports(grouped, chunk_k) and cpp_available():
