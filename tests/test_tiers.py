@@ -9,8 +9,9 @@ import os
 import pytest
 import torch
 
-from conftest import GIST_ID, decode_steps, make_model, relative_error
+from conftest import GIST_ID, decode_steps, make_model, relative_error, skip_unavailable
 from gsa.cache import GistCache
+from gsa.chunk_store import ChunkStore
 from gsa.config import GSAConfig
 from gsa.errors import InvalidInputError
 from gsa.layout import GistSpec, collate, insert_gists
@@ -63,6 +64,23 @@ def test_decode_logits_equal_across_tiers(method, raw_tier, lru_chunks):
     expected, _ = decode(model, batch, GSAConfig(spec=SPEC, method=method), steps)
     config = GSAConfig(spec=SPEC, method=method, raw_tier=raw_tier, lru_chunks=lru_chunks)
     actual, cache = decode(model, batch, config, steps)
+    cache.close()
+    assert relative_error(actual, expected) < 1e-6
+
+
+@pytest.mark.parametrize("raw_tier", ["host", "disk"])
+def test_cpp_kernel_reads_store_in_place(raw_tier, monkeypatch):
+    skip_unavailable("cpp")
+    model = make_model("llama", heads=6, kv_heads=2)
+    batch = gisted([context(61, 3), context(35, 4)], [[5, 6, 7], [8]])
+    steps = [[11, 12, 13], [15, 16, 17]]
+    expected, _ = decode(model, batch, GSAConfig(spec=SPEC, recall_kernel="torch"), steps)
+
+    def no_gather(self, index):
+        raise AssertionError("the store copied chunks that the kernel can read in place")
+
+    monkeypatch.setattr(ChunkStore, "gather", no_gather)
+    actual, cache = decode(model, batch, GSAConfig(spec=SPEC, raw_tier=raw_tier, recall_kernel="cpp"), steps)
     cache.close()
     assert relative_error(actual, expected) < 1e-6
 

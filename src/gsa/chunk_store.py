@@ -66,6 +66,17 @@ class ChunkStore:
     def num_chunks(self) -> int:
         return self.shape[2]
 
+    def in_place(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Return the stored (B, Hk, N, Cm, D) keys and values when a kernel on the compute device can read them where they are.
+
+        That holds when the compute device is the CPU and the LRU is off. A disk tier's tensors are
+        then views of the memory-mapped file, so a kernel that reads only the recalled chunks makes
+        the operating system load only their pages. Returns None otherwise.
+        """
+        if self.device.type != "cpu" or self.lru_chunks > 0 or self.keys is None:
+            return None
+        return self.keys, self.values
+
     def gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the keys and values of chunks ``index`` (B, Hk, K) as (B, Hk, K, Cm, D) on the device."""
         if self.lru_chunks > 0:

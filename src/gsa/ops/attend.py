@@ -135,14 +135,14 @@ def _recalled_partial(grouped: torch.Tensor, tiers: Tiers, index: torch.Tensor, 
                       with_gists: bool, kernel: str) -> Partial:
     """Attend the recalled chunks (and their gists), in place where a kernel can read the tier.
 
-    Chunks held by a ``ChunkStore`` and the ``torch`` kernel go through ``Tiers.gather_chunks``,
-    which reuses its gather buffers between steps.
+    A ``ChunkStore`` on the CPU without an LRU is read in place too. The ``torch`` kernel and other
+    stores go through ``Tiers.gather_chunks``, which reuses its gather buffers between steps.
     """
-    name = resolve_kernel(kernel, grouped, tiers.chunk_k) if tiers.store is None else "torch"
+    stored = (tiers.chunk_k, tiers.chunk_v) if tiers.store is None else tiers.store.in_place()
+    name = resolve_kernel(kernel, grouped, stored[0]) if stored is not None else "torch"
     if name != "torch":
         gist_k, gist_v = (tiers.gist_k, tiers.gist_v) if with_gists else (None, None)
-        return recalled_attention(grouped, tiers.chunk_k, tiers.chunk_v, tiers.chunk_valid, index, picked,
-                                  gist_k, gist_v, kernel=name)
+        return recalled_attention(grouped, *stored, tiers.chunk_valid, index, picked, gist_k, gist_v, kernel=name)
     raw_k, raw_v = tiers.gather_chunks(index)  # (B, Hk, K, Cm, D)
     gists = tiers.gather_gists(index) if with_gists else None  # (B, Hk, K, D) each
     return gathered_attention(grouped, raw_k, raw_v, tiers.chunk_valid, index, picked, gists)
