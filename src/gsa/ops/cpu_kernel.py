@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -54,7 +56,8 @@ def cpp_unavailable_reason() -> str | None:
     try:
         from torch.utils.cpp_extension import load
 
-        logger.info("building the CPU recall kernel (once per machine, cached by torch.utils.cpp_extension)")
+        _put_ninja_on_path()
+        logger.info("loading the CPU recall kernel; the first load on a machine compiles it (about 20 s)")
         load(name=f"gsa_recall_{capability.lower()}", sources=[str(SOURCE)], extra_cflags=flags,
              extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as error:  # a missing compiler or failed build surfaces as several exception types
@@ -63,6 +66,21 @@ def cpp_unavailable_reason() -> str | None:
                        reason.splitlines()[0])
         return reason
     return None
+
+
+def _put_ninja_on_path() -> None:
+    """Append the folder of the ``ninja`` Python package to PATH when no ninja is on it.
+
+    torch.utils.cpp_extension runs ``ninja`` from PATH, which lacks the virtual environment's
+    ``bin`` folder when a program such as ``.venv/bin/gsa`` is started without activating it.
+    """
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = os.pathsep.join(filter(None, [os.environ.get("PATH"), ninja.BIN_DIR]))
 
 
 def cpp_recalled_attention(grouped, chunk_k, chunk_v, chunk_valid, index, picked, gist_k=None, gist_v=None) -> Partial:
