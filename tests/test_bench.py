@@ -240,6 +240,12 @@ def test_decode_rejects_unknown_kernel():
         run_decode_bench(tiny_settings(kernels=["torch", "gpu"]))
 
 
+def test_decode_rejects_unavailable_kernel(monkeypatch):
+    monkeypatch.setattr("gsa.ops.cpu_kernel.cpp_unavailable_reason", lambda: "no compiler")
+    with pytest.raises(InvalidInputError, match="--recall-kernels cpp cannot run here: no compiler"):
+        run_decode_bench(tiny_settings(kernels=["cpp"]))
+
+
 def test_roofline_ms_picks_slower_limit():
     assert roofline_ms(2e9, 1e9, bandwidth_gbps=1.0, compute_gflops=1.0) == pytest.approx(2000.0)
     assert roofline_ms(1e9, 4e9, bandwidth_gbps=1.0, compute_gflops=2.0) == pytest.approx(2000.0)

@@ -42,7 +42,7 @@ from gsa.config import PREFILLS, GSAConfig
 from gsa.errors import InvalidInputError
 from gsa.layout import GistSpec, collate, insert_gists, parse_ratio
 from gsa.methods import get_method
-from gsa.ops.recall import KERNELS, resolve_kernel
+from gsa.ops.recall import KERNELS, kernel_unavailable_reason, resolve_kernel
 from gsa.sparse import selective_attention
 from gsa.tiers import GistTier, Tiers
 
@@ -107,6 +107,10 @@ class DecodeSettings:
         unknown = [kernel for kernel in self.kernels if kernel not in KERNELS]
         if unknown or not self.kernels:
             raise InvalidInputError(f"unknown recall kernel {','.join(unknown)!r}; choose from {', '.join(KERNELS)}")
+        for kernel in self.kernels:
+            reason = kernel_unavailable_reason(kernel)
+            if reason is not None:
+                raise InvalidInputError(f"--recall-kernels {kernel} cannot run here: {reason}")
         if "layer" in self.scopes:
             self._check_contexts(self.contexts, "--contexts")
         if "model" in self.scopes:

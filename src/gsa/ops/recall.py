@@ -152,6 +152,17 @@ def gathered_attention(grouped: torch.Tensor, raw_k: torch.Tensor, raw_v: torch.
     return partial_attention(grouped, parts)
 
 
+def kernel_unavailable_reason(kernel: str) -> str | None:
+    """Return why ``kernel`` cannot run in this process (the C++ kernel is built to find out), or None."""
+    if kernel == "cpp":
+        from gsa.ops.cpu_kernel import cpp_unavailable_reason
+        return cpp_unavailable_reason()
+    if kernel == "triton":
+        from gsa.ops.triton_recall import triton_unavailable_reason
+        return triton_unavailable_reason()
+    return None
+
+
 def resolve_kernel(kernel: str, grouped: torch.Tensor, chunk_k: torch.Tensor) -> str:
     """Return the kernel that serves these tensors: the requested one, or for ``auto`` the best available."""
     if kernel not in KERNELS:
