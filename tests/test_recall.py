@@ -78,21 +78,35 @@ def test_empty_row_gives_zeros():
         assert partial.output()[1].abs().sum() > 0
 
 
-def test_cpp_ignores_unpicked_out_of_range():
-    skip_unavailable("cpp")
-    grouped, chunk_k, chunk_v, valid, index, picked, gist_k, gist_v = recall_inputs(1, 2, 4, 16, 6, 4, 4, seed=1)
-    expected = recalled_attention(grouped, chunk_k, chunk_v, valid, index, picked, gist_k, gist_v, kernel="cpp")
-    index = torch.where(picked, index, torch.tensor([-1, 99]).repeat(2)[None, None, :4].expand_as(index))
-    actual = recalled_attention(grouped, chunk_k, chunk_v, valid, index, picked, gist_k, gist_v, kernel="cpp")
-    assert torch.equal(actual.numer, expected.numer)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernel_ignores_unpicked_garbage(kernel):
+    skip_unavailable(kernel)
+    grouped, chunk_k, chunk_v, valid, index, picked, gist_k, gist_v = recall_inputs(2, 2, 3, 16, 6, 4, 4, seed=3)
+    expected, expected_lse = naive_recalled_attention(grouped, chunk_k, chunk_v, valid, index, picked, gist_k, gist_v)
+    index = torch.where(picked, index, torch.tensor([-1, 6, 99, -5])[None, None, :].expand_as(index))
+    partial = recalled_attention(grouped, chunk_k, chunk_v, valid, index, picked, gist_k, gist_v, kernel=kernel)
+    assert_matches_twin(partial, expected, expected_lse)
 
 
-def test_cpp_rejects_picked_out_of_range():
-    skip_unavailable("cpp")
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("bad", [6, -1])
+def test_kernel_rejects_picked_out_of_range(kernel, bad):
+    skip_unavailable(kernel)
     grouped, chunk_k, chunk_v, valid, index, picked, gist_k, gist_v = recall_inputs(1, 2, 4, 16, 6, 4, 4, seed=1)
-    index[0, 1, 0], picked[0, 1, 0] = 6, True
-    with pytest.raises(RuntimeError, match="recalled chunk index 6 is outside the tier's 6 chunks"):
-        recalled_attention(grouped, chunk_k, chunk_v, valid, index, picked, kernel="cpp")
+    index[0, 1, 0], picked[0, 1, 0] = bad, True
+    with pytest.raises(InvalidInputError, match=f"recalled chunk index {bad} is outside the tier's 6 chunks"):
+        recalled_attention(grouped, chunk_k, chunk_v, valid, index, picked, kernel=kernel)
+
+
+def test_cpp_operator_checks_shapes():
+    skip_unavailable("cpp")
+    grouped, chunk_k, chunk_v, valid, index, picked, gist_k, gist_v = recall_inputs(1, 2, 4, 16, 6, 4, 3)
+    with pytest.raises(RuntimeError, match="chunk_k and chunk_v must be"):
+        torch.ops.gsa_cpu.recall_attention(grouped, chunk_k, chunk_v[:, :, :1].contiguous(), valid, index, picked,
+                                           gist_k, gist_v)
+    with pytest.raises(RuntimeError, match="gist_k and gist_v must be"):
+        torch.ops.gsa_cpu.recall_attention(grouped, chunk_k, chunk_v, valid, index, picked, gist_k[:, :1].contiguous(),
+                                           gist_v)
 
 
 @pytest.mark.parametrize("name,change", [
@@ -140,6 +154,19 @@ def test_resolve_kernel_environment(monkeypatch):
     monkeypatch.setenv("GSA_RECALL_KERNEL", "gpu")
     with pytest.raises(InvalidInputError, match="GSA_RECALL_KERNEL='gpu'"):
         resolve_kernel("auto", queries, chunks)
+
+
+def test_environment_kernel_unavailable(monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "cpp_unavailable_reason", lambda: "no compiler")
+    monkeypatch.setenv("GSA_RECALL_KERNEL", "cpp")
+    with pytest.raises(InvalidInputError, match="GSA_RECALL_KERNEL=cpp cannot run here: no compiler"):
+        resolve_kernel("auto", torch.empty(0), torch.empty(0))
+
+
+def test_config_rejects_invalid_environment(monkeypatch):
+    monkeypatch.setenv("GSA_RECALL_KERNEL", "gpu")
+    with pytest.raises(InvalidInputError, match="GSA_RECALL_KERNEL='gpu'"):
+        GSAConfig()
 
 
 def test_auto_falls_back_without_build(monkeypatch):

@@ -283,8 +283,10 @@ def layer_points(settings: DecodeSettings) -> list[dict]:
             if method == FULL:
                 point = _time_full_layer(query, keys, values, settings)
             else:
+                # Every run at this context draws the same gists, so methods and kernels face the same choice.
+                gists = torch.Generator().manual_seed(settings.seed + context)
                 point = _time_sparse_layer(query, keys, values, settings.config(method, ratio, kernel), settings,
-                                           generator)
+                                           gists)
             point.update(method=method, ratio=ratio, kernel=settings.kernel_name(kernel), context=context,
                          scope="layer")
             logger.info("layer %s@%s context %d: %.3f ms", method, ratio, context, point["step_ms"])

@@ -9,7 +9,7 @@ from gsa.chunk_store import RAW_TIERS
 from gsa.errors import InvalidInputError
 from gsa.layout import GistSpec
 from gsa.methods import get_method
-from gsa.ops.recall import KERNELS
+from gsa.ops.recall import KERNELS, environment_kernel
 
 MERGES = ("union", "group-sum")
 PREFILLS = ("gist", "dense")
@@ -78,6 +78,7 @@ class GSAConfig:
         _check_choice("impl", self.impl, IMPLS)
         _check_choice("raw tier", self.raw_tier, RAW_TIERS)
         _check_choice("recall kernel", self.recall_kernel, KERNELS)
+        environment_kernel()  # an invalid GSA_RECALL_KERNEL is reported before any model loads
         if self.lru_chunks < 0:
             raise InvalidInputError(f"lru-chunks must be 0 or more, got {self.lru_chunks}; use 0 to disable the LRU")
         if self.offload_dir is not None and not os.path.isdir(self.offload_dir):

@@ -4,7 +4,7 @@
 // it computes the logits of the G grouped queries against the chunk's valid tokens (and the
 // chunk's gist), rescales the running sums when the max logit grows, and adds exp(logit - max)
 // times each value row. Nothing is gathered into a copy, so each recalled key and value row is
-// read from memory once; the G queries then reuse it from the L1 cache.
+// read from memory once. The G queries then reuse it from the L1 cache.
 //
 // Shapes: grouped (B, Hk, G, D) float32, already scaled, chunk_k and chunk_v (B, Hk, N, Cm, D)
 // float32, chunk_valid (B, N, Cm) bool, index (B, Hk, K) int64 and picked (B, Hk, K) bool, and
@@ -221,15 +221,30 @@ void run_task(const HeadTask& task) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> recall_attention(
     const at::Tensor& grouped, const at::Tensor& chunk_k, const at::Tensor& chunk_v, const at::Tensor& chunk_valid,
     const at::Tensor& index, const at::Tensor& picked, const at::Tensor& gist_k, const at::Tensor& gist_v) {
-  // The Python wrapper checks dtypes, devices, shapes and contiguity. These checks guard direct calls.
+  // The Python wrapper gives clearer messages for the same checks. These guard direct calls.
+  TORCH_CHECK(grouped.dim() == 4 && chunk_k.dim() == 5, "recall_attention takes (B, Hk, G, D) queries and "
+              "(B, Hk, N, Cm, D) chunks");
+  const int64_t batch = grouped.size(0), kv_heads = grouped.size(1), group = grouped.size(2), dim = grouped.size(3);
+  const int64_t num_chunks = chunk_k.size(2), chunk_len = chunk_k.size(3);
+  const bool with_gists = gist_k.numel() > 0;
+  TORCH_CHECK(chunk_k.sizes() == at::IntArrayRef({batch, kv_heads, num_chunks, chunk_len, dim}) &&
+                  chunk_v.sizes() == chunk_k.sizes(), "chunk_k and chunk_v must be (B, Hk, N, Cm, D) with the "
+              "queries' B, Hk and D");
+  TORCH_CHECK(chunk_valid.sizes() == at::IntArrayRef({batch, num_chunks, chunk_len}), "chunk_valid must be (B, N, Cm)");
+  TORCH_CHECK(index.dim() == 3 && index.size(0) == batch && index.size(1) == kv_heads &&
+                  picked.sizes() == index.sizes(), "index and picked must be (B, Hk, K)");
+  TORCH_CHECK(!with_gists || (gist_k.sizes() == at::IntArrayRef({batch, kv_heads, num_chunks, dim}) &&
+                              gist_v.sizes() == gist_k.sizes()), "gist_k and gist_v must be (B, Hk, N, D)");
   TORCH_CHECK(grouped.is_contiguous() && chunk_k.is_contiguous() && chunk_v.is_contiguous() &&
-                  chunk_valid.is_contiguous() && index.is_contiguous() && picked.is_contiguous(),
+                  chunk_valid.is_contiguous() && index.is_contiguous() && picked.is_contiguous() &&
+                  gist_k.is_contiguous() && gist_v.is_contiguous(),
               "recall_attention takes contiguous tensors");
   TORCH_CHECK(grouped.scalar_type() == at::kFloat && chunk_k.scalar_type() == at::kFloat &&
-                  chunk_v.scalar_type() == at::kFloat, "recall_attention takes float32 queries and chunks");
-  const int64_t batch = grouped.size(0), kv_heads = grouped.size(1), group = grouped.size(2), dim = grouped.size(3);
-  const int64_t num_chunks = chunk_k.size(2), chunk_len = chunk_k.size(3), recalled = index.size(2);
-  const bool with_gists = gist_k.numel() > 0;
+                  chunk_v.scalar_type() == at::kFloat && chunk_valid.scalar_type() == at::kBool &&
+                  index.scalar_type() == at::kLong && picked.scalar_type() == at::kBool &&
+                  (!with_gists || (gist_k.scalar_type() == at::kFloat && gist_v.scalar_type() == at::kFloat)),
+              "recall_attention takes float32 queries, chunks and gists, bool masks and int64 indices");
+  const int64_t recalled = index.size(2);
   const int64_t* chunk_ids = index.data_ptr<int64_t>();
   const bool* chunk_picked = picked.data_ptr<bool>();
   for (int64_t i = 0; i < index.numel(); ++i) {

@@ -15,6 +15,7 @@ length, K recalled chunks per KV head.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from gsa.errors import InvalidInputError
-from gsa.ops.recall import Partial
+from gsa.ops.recall import Partial, check_picked_range
 
 logger = logging.getLogger(__name__)
 
@@ -53,19 +54,52 @@ def cpp_unavailable_reason() -> str | None:
     flags = ["-O3", "-fopenmp"]
     if capability.startswith("AVX"):  # AVX2 and AVX512 machines both run AVX2 with FMA
         flags += ["-mavx2", "-mfma"]
+    name = f"gsa_recall_{capability.lower()}"
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import get_default_build_root, load
 
         _put_ninja_on_path()
-        logger.info("loading the CPU recall kernel; the first load on a machine compiles it (about 20 s)")
-        load(name=f"gsa_recall_{capability.lower()}", sources=[str(SOURCE)], extra_cflags=flags,
-             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        # One folder per Python and torch version, under the root torch.utils.cpp_extension uses.
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+        tag = f"py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__}"
+        directory = os.path.join(root, f"{name}_{tag}")
+        os.makedirs(directory, exist_ok=True)
+        with _build_lock(directory):
+            logger.info("loading the CPU recall kernel; the first load on a machine compiles it (about 20 s)")
+            load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                 build_directory=directory, is_python_module=False, verbose=False)
     except Exception as error:  # a missing compiler or failed build surfaces as several exception types
         reason = f"the CPU recall kernel failed to build ({type(error).__name__}: {error})"
         logger.warning("%s; falling back to the PyTorch path. Set GSA_RECALL_KERNEL=torch to skip the build.",
                        reason.splitlines()[0])
         return reason
     return None
+
+
+@contextlib.contextmanager
+def _build_lock(directory: str):
+    """Hold an exclusive lock on ``directory`` for one build, and clear a lock file left by a killed one.
+
+    torch.utils.cpp_extension guards a build with a ``lock`` file and waits, without a time limit,
+    for it to disappear, so a build killed midway would block every later load. The operating
+    system releases this ``fcntl`` lock when its process dies, so while it is held, a ``lock``
+    file can only come from a build that no longer runs. Without ``fcntl`` (Windows) nothing is checked.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(os.path.join(directory, "gsa-build.lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        stale = os.path.join(directory, "lock")
+        if os.path.exists(stale):
+            logger.warning("removing %s, left by an interrupted build of the CPU recall kernel", stale)
+            os.remove(stale)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _put_ninja_on_path() -> None:
@@ -100,9 +134,10 @@ def cpp_recalled_attention(grouped, chunk_k, chunk_v, chunk_valid, index, picked
 def _check_inputs(grouped, chunk_k, chunk_v, chunk_valid, index, picked, gist_k, gist_v) -> None:
     """Raise ``InvalidInputError`` naming the first tensor the kernel cannot take."""
     if not cpp_supports(grouped, chunk_k):
+        layout = "contiguous" if chunk_k.is_contiguous() else "non-contiguous"
         raise InvalidInputError(
             f"the CPU recall kernel takes float32 CPU queries and a contiguous float32 CPU chunk tier, got "
-            f"{grouped.dtype} queries on {grouped.device} and {chunk_k.dtype} chunks on {chunk_k.device}; "
+            f"{grouped.dtype} queries on {grouped.device} and {layout} {chunk_k.dtype} chunks on {chunk_k.device}; "
             "use the torch recall kernel for other tensors")
     batch, kv_heads, group, dim = grouped.shape
     num_chunks, chunk_len = chunk_k.shape[2], chunk_k.shape[3]
@@ -122,14 +157,14 @@ def _check_inputs(grouped, chunk_k, chunk_v, chunk_valid, index, picked, gist_k,
         if tuple(tensor.shape) != shape or tensor.dtype != dtype or tensor.device.type != "cpu":
             raise InvalidInputError(f"{name} is {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}; "
                                     f"the CPU recall kernel expects {shape} {dtype} on the CPU")
+    check_picked_range(index, picked, num_chunks)
 
 
 def main() -> int:
     """Build the kernel now, so that the first decode step does not wait for the compiler."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    reason = cpp_unavailable_reason()
-    if reason is not None:
-        print(reason, file=sys.stderr)
+    if cpp_unavailable_reason() is not None:  # the warning above gives the reason
+        print("the CPU recall kernel is unavailable, so decoding uses the PyTorch path", file=sys.stderr)
         return 1
     print("the CPU recall kernel is built and loads")
     return 0

@@ -128,6 +128,8 @@ def recalled_attention(
 def torch_recalled_attention(grouped, chunk_k, chunk_v, chunk_valid, index, picked, gist_k=None,
                              gist_v=None) -> Partial:
     """``recalled_attention`` with PyTorch operators: gather the recalled chunks, then attend the copy."""
+    check_picked_range(index, picked, chunk_k.shape[2])
+    index = torch.where(picked, index, torch.zeros_like(index))  # entries not picked may hold any value
     raw_k, raw_v = gather_chunk_rows(chunk_k, index), gather_chunk_rows(chunk_v, index)  # (B, Hk, K, Cm, D)
     gists = None
     if gist_k is not None:
@@ -152,6 +154,15 @@ def gathered_attention(grouped: torch.Tensor, raw_k: torch.Tensor, raw_v: torch.
     return partial_attention(grouped, parts)
 
 
+def check_picked_range(index: torch.Tensor, picked: torch.Tensor, num_chunks: int) -> None:
+    """Raise ``InvalidInputError`` when a picked entry of ``index`` (B, Hk, K) is outside [0, N)."""
+    outside = picked & ((index < 0) | (index >= num_chunks))
+    if bool(outside.any()):
+        value = int(index[outside][0])
+        raise InvalidInputError(f"recalled chunk index {value} is outside the tier's {num_chunks} chunks; "
+                                "pick indices in [0, N) or mark the entry as not picked")
+
+
 def kernel_unavailable_reason(kernel: str) -> str | None:
     """Return why ``kernel`` cannot run in this process (the C++ kernel is built to find out), or None."""
     if kernel == "cpp":
@@ -163,14 +174,23 @@ def kernel_unavailable_reason(kernel: str) -> str | None:
     return None
 
 
+def environment_kernel() -> str:
+    """Return the kernel that ``GSA_RECALL_KERNEL`` sets (``auto`` when unset), raising for an invalid value."""
+    kernel = os.environ.get(KERNEL_ENV, "auto") or "auto"
+    if kernel not in KERNELS:
+        raise InvalidInputError(f"invalid {KERNEL_ENV}={kernel!r}; set it to one of {', '.join(KERNELS)}")
+    return kernel
+
+
 def resolve_kernel(kernel: str, grouped: torch.Tensor, chunk_k: torch.Tensor) -> str:
     """Return the kernel that serves these tensors: the requested one, or for ``auto`` the best available."""
     if kernel not in KERNELS:
         raise InvalidInputError(f"invalid recall kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
     if kernel == "auto":
-        kernel = os.environ.get(KERNEL_ENV, "auto") or "auto"
-        if kernel not in KERNELS:
-            raise InvalidInputError(f"invalid {KERNEL_ENV}={kernel!r}; set it to one of {', '.join(KERNELS)}")
+        kernel = environment_kernel()
+        reason = kernel_unavailable_reason(kernel)
+        if reason is not None:
+            raise InvalidInputError(f"{KERNEL_ENV}={kernel} cannot run here: {reason}")
     if kernel != "auto":
         return kernel
     # NOTE: CUDA tensors take the PyTorch path unless triton is requested, because the Triton
