@@ -9,9 +9,8 @@ the same partial softmax over those chunks (and, optionally, each recalled chunk
   the tier, with an online softmax, compiled on first use (``gsa.ops.cpu_kernel``). CPU only.
 - ``triton``: a Triton kernel of the same contract for CUDA tensors (``gsa.ops.triton_recall``).
 
-``auto`` takes ``cpp`` for float32 CPU tensors when the kernel builds, and ``torch`` otherwise;
-``triton`` runs only when requested.
-``naive_recalled_attention`` in ``gsa.ops.naive`` is the loop twin that all of them are tested
+``auto`` takes ``cpp`` for float32 CPU tensors when the kernel builds, and ``torch`` otherwise.
+``triton`` runs only when requested. ``naive_recalled_attention`` in ``gsa.ops.naive`` is the loop twin that all of them are tested
 against.
 
 Shape legend: B batch, Hk KV heads, G query heads per KV head, D head dim, N chunks, Cm max chunk
@@ -20,7 +19,6 @@ length, K recalled chunks per KV head.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 
@@ -28,8 +26,6 @@ import torch
 
 from gsa.errors import InvalidInputError
 from gsa.tiers import gather_chunk_rows
-
-logger = logging.getLogger(__name__)
 
 KERNELS = ("auto", "torch", "cpp", "triton")
 KERNEL_ENV = "GSA_RECALL_KERNEL"
