@@ -169,6 +169,15 @@ def test_config_rejects_invalid_environment(monkeypatch):
         GSAConfig()
 
 
+def test_config_rejects_triton_without_cuda(monkeypatch):
+    monkeypatch.setattr("gsa.ops.triton_recall.triton_unavailable_reason", lambda: "no CUDA device")
+    with pytest.raises(InvalidInputError, match="recall kernel triton cannot run here: no CUDA device"):
+        GSAConfig(recall_kernel="triton")
+    monkeypatch.setenv("GSA_RECALL_KERNEL", "triton")
+    with pytest.raises(InvalidInputError, match="GSA_RECALL_KERNEL=triton cannot run here: no CUDA device"):
+        GSAConfig()
+
+
 def test_auto_falls_back_without_build(monkeypatch):
     monkeypatch.setattr(cpu_kernel, "cpp_unavailable_reason", lambda: "no compiler")
     assert resolve_kernel("auto", torch.empty(0), torch.empty(0)) == "torch"

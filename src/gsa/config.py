@@ -9,7 +9,7 @@ from gsa.chunk_store import RAW_TIERS
 from gsa.errors import InvalidInputError
 from gsa.layout import GistSpec
 from gsa.methods import get_method
-from gsa.ops.recall import KERNELS, environment_kernel
+from gsa.ops.recall import KERNELS, environment_kernel, kernel_unavailable_reason
 
 MERGES = ("union", "group-sum")
 PREFILLS = ("gist", "dense")
@@ -78,7 +78,11 @@ class GSAConfig:
         _check_choice("impl", self.impl, IMPLS)
         _check_choice("raw tier", self.raw_tier, RAW_TIERS)
         _check_choice("recall kernel", self.recall_kernel, KERNELS)
-        environment_kernel()  # an invalid GSA_RECALL_KERNEL is reported before any model loads
+        # Report an invalid GSA_RECALL_KERNEL, or a Triton kernel without CUDA, before any model loads.
+        kernel = environment_kernel() if self.recall_kernel == "auto" else self.recall_kernel
+        if kernel == "triton" and (reason := kernel_unavailable_reason(kernel)) is not None:
+            source = "GSA_RECALL_KERNEL=triton" if self.recall_kernel == "auto" else "recall kernel triton"
+            raise InvalidInputError(f"{source} cannot run here: {reason}")
         if self.lru_chunks < 0:
             raise InvalidInputError(f"lru-chunks must be 0 or more, got {self.lru_chunks}; use 0 to disable the LRU")
         if self.offload_dir is not None and not os.path.isdir(self.offload_dir):

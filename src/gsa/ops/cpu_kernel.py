@@ -65,7 +65,8 @@ def cpp_unavailable_reason() -> str | None:
         directory = os.path.join(root, f"{name}_{tag}")
         os.makedirs(directory, exist_ok=True)
         with _build_lock(directory):
-            logger.info("loading the CPU recall kernel; the first load on a machine compiles it (about 20 s)")
+            if not os.path.exists(os.path.join(directory, f"{name}.so")):
+                logger.info("compiling the CPU recall kernel, once per machine (about 20 s)")
             load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                  build_directory=directory, is_python_module=False, verbose=False)
     except Exception as error:  # a missing compiler or failed build surfaces as several exception types
