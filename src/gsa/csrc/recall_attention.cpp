@@ -6,9 +6,12 @@
 // times each value row. Nothing is gathered into a copy, so each recalled key and value row is
 // read from memory once. The G queries then reuse it from the L1 cache.
 //
-// Shapes: grouped (B, Hk, G, D) float32, already scaled, chunk_k and chunk_v (B, Hk, N, Cm, D)
-// float32, chunk_valid (B, N, Cm) bool, index (B, Hk, K) int64 and picked (B, Hk, K) bool, and
-// gist_k and gist_v (B, Hk, N, D) float32, or empty tensors when gists are not attended.
+// Shapes:
+//   grouped           (B, Hk, G, D) float32, already scaled
+//   chunk_k, chunk_v  (B, Hk, N, Cm, D) float32
+//   chunk_valid       (B, N, Cm) bool
+//   index, picked     (B, Hk, K) int64 and bool
+//   gist_k, gist_v    (B, Hk, N, D) float32, or empty tensors when gists are not attended
 // Returns numer (B, Hk, G, D), top (B, Hk, G) and total (B, Hk, G) as in gsa.ops.recall.Partial.
 
 #include <ATen/Parallel.h>

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from gsa.errors import InvalidInputError
-from gsa.ops.recall import Partial, check_picked_range
+from gsa.ops.recall import Partial
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +126,13 @@ def cpp_recalled_attention(grouped, chunk_k, chunk_v, chunk_valid, index, picked
         raise InvalidInputError(f"{reason}; use the torch recall kernel instead")
     if gist_k is None:
         gist_k = gist_v = grouped.new_empty(0)
-    numer, top, total = torch.ops.gsa_cpu.recall_attention(
-        grouped.contiguous(), chunk_k, chunk_v.contiguous(), chunk_valid.contiguous(), index.contiguous(),
-        picked.contiguous(), gist_k.float().contiguous(), gist_v.float().contiguous())
+    try:
+        numer, top, total = torch.ops.gsa_cpu.recall_attention(
+            grouped.contiguous(), chunk_k, chunk_v.contiguous(), chunk_valid.contiguous(), index.contiguous(),
+            picked.contiguous(), gist_k.float().contiguous(), gist_v.float().contiguous())
+    except RuntimeError as error:  # the operator raises only from its input checks, such as the index range
+        raise InvalidInputError(f"{str(error).splitlines()[0]}; pick indices in [0, N) or mark the entry as not "
+                                "picked") from error
     return Partial(numer, top, total)
 
 
@@ -158,7 +162,6 @@ def _check_inputs(grouped, chunk_k, chunk_v, chunk_valid, index, picked, gist_k,
         if tuple(tensor.shape) != shape or tensor.dtype != dtype or tensor.device.type != "cpu":
             raise InvalidInputError(f"{name} is {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}; "
                                     f"the CPU recall kernel expects {shape} {dtype} on the CPU")
-    check_picked_range(index, picked, num_chunks)
 
 
 def main() -> int:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from gsa.errors import InvalidInputError
-from gsa.tiers import gather_chunk_rows
+from gsa.tiers import gather_chunk_rows, gather_gist_rows
 
 KERNELS = ("auto", "torch", "cpp", "triton")
 KERNEL_ENV = "GSA_RECALL_KERNEL"
@@ -127,10 +127,7 @@ def torch_recalled_attention(grouped, chunk_k, chunk_v, chunk_valid, index, pick
     check_picked_range(index, picked, chunk_k.shape[2])
     index = torch.where(picked, index, torch.zeros_like(index))  # entries not picked may hold any value
     raw_k, raw_v = gather_chunk_rows(chunk_k, index), gather_chunk_rows(chunk_v, index)  # (B, Hk, K, Cm, D)
-    gists = None
-    if gist_k is not None:
-        # One-row chunks: (B, Hk, N, 1, D) -> (B, Hk, K, D)
-        gists = tuple(gather_chunk_rows(states[:, :, :, None], index).squeeze(3) for states in (gist_k, gist_v))
+    gists = (gather_gist_rows(gist_k, index), gather_gist_rows(gist_v, index)) if gist_k is not None else None
     return gathered_attention(grouped, raw_k, raw_v, chunk_valid, index, picked, gists)
 
 

@@ -22,7 +22,7 @@ import functools
 import torch
 
 from gsa.errors import InvalidInputError
-from gsa.ops.recall import Partial
+from gsa.ops.recall import Partial, check_picked_range
 
 try:
     import triton
@@ -190,7 +190,7 @@ def triton_recalled_attention(
         raise InvalidInputError(reason)
     _check_inputs(grouped, chunk_k, chunk_v, chunk_valid, index, picked, gist_k, gist_v)
     if check_index:
-        _check_index_range(index, picked, chunk_k.shape[2])
+        check_picked_range(index, picked, chunk_k.shape[2])
 
     batch, kv_heads, group, dim = grouped.shape
     num_chunks, chunk_len = chunk_k.shape[2], chunk_k.shape[3]
@@ -300,16 +300,6 @@ def _check_devices(*tensors) -> None:
         raise InvalidInputError(
             f"the triton recall kernel runs on CUDA tensors, got tensors on {device}. Move them to a GPU "
             "or use the torch or cpp recall kernel.")
-
-
-def _check_index_range(index: torch.Tensor, picked: torch.Tensor, num_chunks: int) -> None:
-    """Raise ``InvalidInputError`` when a picked entry of ``index`` is outside [0, N)."""
-    outside = picked & ((index < 0) | (index >= num_chunks))
-    if bool(outside.any()):
-        first = [int(i) for i in outside.nonzero()[0]]
-        raise InvalidInputError(
-            f"index{first} = {int(index[tuple(first)])} is picked but outside the {num_chunks} chunks of the tier. "
-            "Pass chunk ids in [0, N) or set picked to False there.")
 
 
 def _split_count(rows: int, num_slots: int, device: torch.device, requested: int | None) -> int:
