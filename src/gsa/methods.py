@@ -51,6 +51,8 @@ class Method:
             do not (the training-free baselines) run the context with the dense prefill mask, so
             their raw KV equals the model's without gists, and never attend a gist.
         gist_router: whether scores come from gist keys; such methods skip layer 0 by default.
+        scores_gist_products: whether ``scores`` is exactly the scaled dot product of each query
+            head with the level-1 gist keys, which lets the C++ selection kernel compute it itself.
         per_group: one choice per KV head (k * G chunks) instead of per query head.
         selects: whether the method recalls chunks at all.
         needs_gist_prefill: run under the gist mask even when ``prefill="dense"`` is set, because
@@ -61,6 +63,7 @@ class Method:
     inserts_gists: ClassVar[bool] = True
     reads_gist_content: ClassVar[bool] = False
     gist_router: ClassVar[bool] = False
+    scores_gist_products: ClassVar[bool] = False
     per_group: ClassVar[bool] = False
     selects: ClassVar[bool] = True
     needs_gist_prefill: ClassVar[bool] = False
@@ -91,6 +94,7 @@ class GistSparse(Method):
     name = "gsa"
     reads_gist_content = True
     gist_router = True
+    scores_gist_products = True
 
     def scores(self, inputs):
         return score_gists(inputs.query, inputs.tiers.gist_k, inputs.scaling)

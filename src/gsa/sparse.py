@@ -12,6 +12,8 @@ import torch
 
 from gsa.config import GSAConfig
 from gsa.diagnostics import RouterProbe
+from gsa.ops.cpu_kernel import cpp_gist_top_chunks, cpp_top_chunks
+from gsa.ops.recall import resolve_kernel
 from gsa.ops.attend import Visibility, attend_gathered, attend_masked, attended_counts, recent_visibility
 from gsa.hierarchy import frontier
 from gsa.ops.naive import naive_select, naive_tier_attention, naive_top_down
@@ -71,8 +73,12 @@ def visibility(
     method = get_method(config.method)
     group = heads // kv_heads
     candidate = (tiers.gist_valid & ~in_window)[:, None, :].expand(batch, length, num_chunks)
+    scored = candidate.sum(-1)[:, None].expand(batch, kv_heads, length) if method.gist_router else None
     k = _chunks_to_recall(tiers, recent_on, config, group) * (group if method.per_group else 1)
     inputs = SelectionInputs(query, tiers, recent_on, scaling, query_slot, seed=config.seed, layer_idx=layer_idx)
+    listed = _kernel_choice(inputs, config, k, method) if probe is None else None
+    if listed is not None:
+        return _listed_visibility(*listed, num_chunks, recent_on, config, scored)
     if config.impl == "naive":
         scores = method.scores_naive(inputs).cpu()
         chosen = naive_select(scores, candidate.cpu(), k.cpu(), config.merge, config.top_p).to(query.device)
@@ -82,10 +88,48 @@ def visibility(
         probe.observe(layer_idx, inputs, chosen, candidate, k, config.merge)
 
     chunk_on = chosen | window
-    scored = candidate.sum(-1)[:, None].expand(batch, kv_heads, length) if method.gist_router else None
     if not config.attends_gists:
         return Visibility(chunk_on, torch.zeros_like(chunk_on), recent_on, gist_mode="none", scored=scored)
     return Visibility(chunk_on=chunk_on, gist_on=chunk_on, recent_on=recent_on, scored=scored)
+
+
+def _kernel_choice(inputs: SelectionInputs, config: GSAConfig, k: torch.Tensor,
+                   method) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Pick the recalled chunks, window included, of a decode step in the C++ selection kernel.
+
+    Returns (B, Hk, K) ascending chunk indices and their validity flags, or None where the kernel
+    does not apply: several queries per row, top-p, the naive implementation, or a recall kernel
+    that does not resolve to ``cpp`` for these gists. ``select_chunks`` is its twin. A method whose
+    scores are gist products has them computed inside the kernel too.
+    """
+    query, tiers = inputs.query, inputs.tiers
+    if query.shape[2] != 1 or config.top_p is not None or config.impl == "naive":
+        return None
+    batch, heads, _, dim = query.shape
+    grouped = query.reshape(batch, tiers.num_kv_heads, heads // tiers.num_kv_heads, dim).float()  # (B, Hk, G, D)
+    if resolve_kernel(config.recall_kernel, grouped, tiers.gist_k) != "cpp":
+        return None
+    window_start = tiers.num_chunks - config.spec.window_chunks  # (B,)
+    if method.scores_gist_products:
+        return cpp_gist_top_chunks(grouped * inputs.scaling, tiers.gist_k, tiers.gist_valid, window_start, k[:, 0],
+                                   config.merge)
+    scores = method.scores(inputs)[:, :, :, 0].float()  # (B, Hk, G, N)
+    return cpp_top_chunks(scores, tiers.gist_valid, window_start, k[:, 0], config.merge)
+
+
+def _listed_visibility(index: torch.Tensor, picked: torch.Tensor, num_chunks: int, recent_on: torch.Tensor,
+                       config: GSAConfig, scored: torch.Tensor | None) -> Visibility:
+    """Visibility of one query per row from its (B, Hk, K) recalled chunk list."""
+    batch, kv_heads, _ = index.shape
+    # Entries not picked go to a spare last column, which is dropped. (B, Hk, 1, N)
+    columns = torch.where(picked, index, num_chunks)
+    chunk_on = torch.zeros(batch, kv_heads, num_chunks + 1, dtype=torch.bool, device=index.device)
+    chunk_on = chunk_on.scatter_(-1, columns, True)[:, :, None, :num_chunks]
+    listed = (index[:, :, None], picked[:, :, None])  # (B, Hk, T, K)
+    if not config.attends_gists:
+        return Visibility(chunk_on, torch.zeros_like(chunk_on), recent_on, gist_mode="none", chunk_index=listed,
+                          scored=scored)
+    return Visibility(chunk_on, chunk_on, recent_on, chunk_index=listed, scored=scored)
 
 
 def _hierarchical_visibility(query, tiers: Tiers, config: GSAConfig, layer_idx: int, scaling: float,

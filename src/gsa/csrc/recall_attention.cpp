@@ -25,7 +25,11 @@
 #include <limits>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace {
+
+using namespace gsa_kernels;
 
 // Pointers and sizes of one (batch row, KV head) task.
 struct HeadTask {
@@ -43,87 +47,22 @@ struct HeadTask {
   int64_t group, dim, chunk_len, recalled;
 };
 
-// Eight floats in one AVX register where the compiler targets AVX, in two SSE registers otherwise.
-// The aligned(4) attribute lets a dereference load from any float address.
-typedef float vec8 __attribute__((vector_size(32), aligned(4)));
-constexpr int64_t kLanes = 8;
-constexpr int64_t kMaxGroup = 8;  // query heads per pass over the chunks, so larger groups take several passes
-
-inline vec8 load(const float* p) { return *reinterpret_cast<const vec8*>(p); }
-inline void store(float* p, vec8 v) { *reinterpret_cast<vec8*>(p) = v; }
-inline float lane_sum(vec8 v) {
-  float sum = 0.f;
-  for (int lane = 0; lane < kLanes; ++lane) sum += v[lane];
-  return sum;
-}
-
-inline void prefetch_rows(const float* rows, int64_t count) {
-  const char* bytes = reinterpret_cast<const char*>(rows);
-  for (int64_t offset = 0; offset < count * static_cast<int64_t>(sizeof(float)); offset += 64)
-    __builtin_prefetch(bytes + offset);
-}
-
 // Picked chunks between the current one and the one prefetched. Distances of 2, 3 and 5 were no
 // faster at 128K keys on a 2-core AMD EPYC machine.
 constexpr int64_t kPrefetchDistance = 1;
 
-// The rows of a later recalled chunk, prefetched while the current one is computed so that the
-// memory reads overlap the arithmetic.
-struct Ahead {
-  const float* keys = nullptr;    // (Cm, D)
-  const float* values = nullptr;  // (Cm, D)
-  int64_t rows = 0;
-};
-
-// logits[r * G + g] = q_g . k_r for the chunk's rows. Two rows at a time give 2G independent
-// multiply-add chains, enough to hide the FMA latency for G >= 2. Row r of the next chunk's keys
-// and values (``ahead``, when not null) is prefetched along the way.
-template <int G>
-void row_logits(const float* query, const std::vector<const float*>& keys, int64_t dim, float* logits,
-                const Ahead& ahead) {
-  const int64_t rows = static_cast<int64_t>(keys.size()), body = dim - dim % kLanes;
-  for (int64_t r = 0; r < rows; r += 2) {
-    const bool pair = r + 1 < rows;
-    if (ahead.keys != nullptr && r < ahead.rows) {
-      const int64_t count = std::min<int64_t>(2, ahead.rows - r) * dim;
-      prefetch_rows(ahead.keys + r * dim, count);
-      prefetch_rows(ahead.values + r * dim, count);
-    }
-    const float* k0 = keys[r];
-    const float* k1 = pair ? keys[r + 1] : keys[r];
-    vec8 acc0[G] = {}, acc1[G] = {};
-    for (int64_t d = 0; d < body; d += kLanes) {
-      const vec8 x0 = load(k0 + d), x1 = load(k1 + d);
-      for (int g = 0; g < G; ++g) {
-        const vec8 q = load(query + g * dim + d);
-        acc0[g] += q * x0;
-        acc1[g] += q * x1;
-      }
-    }
-    for (int g = 0; g < G; ++g) {
-      float s0 = lane_sum(acc0[g]), s1 = lane_sum(acc1[g]);
-      for (int64_t d = body; d < dim; ++d) {  // the tail of a head dim that is not a multiple of 8
-        s0 += query[g * dim + d] * k0[d];
-        s1 += query[g * dim + d] * k1[d];
-      }
-      logits[r * G + g] = s0;
-      if (pair) logits[(r + 1) * G + g] = s1;
-    }
-  }
-}
-
-// numer_g += sum_r weights[r * G + g] * v_r, two blocks of eight lanes at a time (2G chains).
+// numer_g += sum_r weights[r * G + g] * v_r, two vectors of lanes at a time (2G chains).
 template <int G>
 void add_weighted_rows(const float* weights, const std::vector<const float*>& values, int64_t dim, float* numer) {
   const int64_t rows = static_cast<int64_t>(values.size()), body = dim - dim % (2 * kLanes);
   for (int64_t d = 0; d < body; d += 2 * kLanes) {
-    vec8 acc0[G], acc1[G];
+    vec acc0[G], acc1[G];
     for (int g = 0; g < G; ++g) {
       acc0[g] = load(numer + g * dim + d);
       acc1[g] = load(numer + g * dim + d + kLanes);
     }
     for (int64_t r = 0; r < rows; ++r) {
-      const vec8 x0 = load(values[r] + d), x1 = load(values[r] + d + kLanes);
+      const vec x0 = load(values[r] + d), x1 = load(values[r] + d + kLanes);
       for (int g = 0; g < G; ++g) {
         acc0[g] += weights[r * G + g] * x0;
         acc1[g] += weights[r * G + g] * x1;
@@ -140,12 +79,12 @@ void add_weighted_rows(const float* weights, const std::vector<const float*>& va
 }
 
 // Fold one chunk's key and value rows into the running softmax of every grouped query.
-// ``logits`` has room for (Cm + 1) * G floats.
+// ``logits`` has room for (Cm + 1) * G floats rounded up to a multiple of kLanes.
 template <int G>
 void fold_rows(const HeadTask& t, const std::vector<const float*>& keys, const std::vector<const float*>& values,
                float* logits, const Ahead& ahead) {
   const int64_t rows = static_cast<int64_t>(keys.size());
-  row_logits<G>(t.query, keys, t.dim, logits, ahead);
+  row_logits<G>(t.query, [&](int64_t r) { return keys[r]; }, rows, t.dim, logits, ahead);
   for (int g = 0; g < G; ++g) {
     float chunk_top = -std::numeric_limits<float>::infinity();
     for (int64_t r = 0; r < rows; ++r) chunk_top = std::max(chunk_top, logits[r * G + g]);
@@ -155,11 +94,13 @@ void fold_rows(const HeadTask& t, const std::vector<const float*>& keys, const s
       t.total[g] *= factor;
       t.top[g] = chunk_top;
     }
-    for (int64_t r = 0; r < rows; ++r) {  // logits become softmax weights in place
-      logits[r * G + g] = std::exp(logits[r * G + g] - t.top[g]);
-      t.total[g] += logits[r * G + g];
-    }
   }
+  // The logits become softmax weights in place, one vector at a time.
+  for (int64_t r = 0; r < rows; ++r)
+    for (int g = 0; g < G; ++g) logits[r * G + g] -= t.top[g];
+  for (int64_t i = 0; i < rows * G; i += kLanes) store(logits + i, exp_lanes(load(logits + i)));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int g = 0; g < G; ++g) t.total[g] += logits[r * G + g];
   add_weighted_rows<G>(logits, values, t.dim, t.numer);
 }
 
@@ -172,7 +113,7 @@ void attend_head(const HeadTask& t) {
   }
   std::fill(t.numer, t.numer + G * t.dim, 0.f);
   std::vector<const float*> keys, values;
-  std::vector<float> logits((t.chunk_len + 1) * G);
+  std::vector<float> logits(((t.chunk_len + 1) * G + kLanes - 1) / kLanes * kLanes);
   const int64_t chunk_floats = t.chunk_len * t.dim;
   for (int64_t slot = 0; slot < t.recalled; ++slot) {
     if (!t.picked[slot]) continue;

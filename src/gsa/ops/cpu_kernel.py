@@ -1,7 +1,12 @@
-"""Build and call the C++ CPU kernel of ``recalled_attention`` (``gsa/csrc/recall_attention.cpp``).
+"""Build and call the C++ CPU kernels of a decode step's recall (``gsa/csrc``).
 
-The kernel reads the recalled chunks in place, where the PyTorch path first copies them into a
-buffer and then reads that copy twice. It is compiled with ``torch.utils.cpp_extension`` on first
+- ``recall_attention.cpp`` attends the recalled chunks (``recalled_attention``). It reads them in
+  place, where the PyTorch path first copies them into a buffer and then reads that copy twice.
+- ``select_chunks.cpp`` picks the chunks to recall: it scores the gists (or takes any method's
+  scores), keeps the top k per head and returns the sorted chunk list that the first kernel
+  reads, without building (B, Hk, G, N) masks.
+
+Both are compiled into one extension with ``torch.utils.cpp_extension`` on first
 use (about 20 s on two cores) and cached under ``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``. ``python -m gsa.ops.cpu_kernel`` builds it ahead of time.
 
@@ -30,7 +35,8 @@ from gsa.ops.recall import Partial
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "recall_attention.cpp"
+SOURCES = [Path(__file__).resolve().parent.parent / "csrc" / name
+           for name in ("recall_attention.cpp", "select_chunks.cpp")]
 
 
 def cpp_supports(grouped: torch.Tensor, chunk_k: torch.Tensor) -> bool:
@@ -67,7 +73,7 @@ def cpp_unavailable_reason() -> str | None:
         with _build_lock(directory):
             if not os.path.exists(os.path.join(directory, f"{name}.so")):
                 logger.info("compiling the CPU recall kernel, once per machine (about 20 s)")
-            load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+            load(name=name, sources=[str(source) for source in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                  build_directory=directory, is_python_module=False, verbose=False)
     except Exception as error:  # a missing compiler or failed build surfaces as several exception types
         reason = f"the CPU recall kernel failed to build ({type(error).__name__}: {error})"
@@ -162,6 +168,66 @@ def _check_inputs(grouped, chunk_k, chunk_v, chunk_valid, index, picked, gist_k,
         if tuple(tensor.shape) != shape or tensor.dtype != dtype or tensor.device.type != "cpu":
             raise InvalidInputError(f"{name} is {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}; "
                                     f"the CPU recall kernel expects {shape} {dtype} on the CPU")
+
+
+def cpp_gist_top_chunks(grouped: torch.Tensor, gist_k: torch.Tensor, gist_valid: torch.Tensor,
+                        window_start: torch.Tensor, k: torch.Tensor, merge: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score the gists and pick the chunks to recall in one C++ call.
+
+    Args:
+        grouped: (B, Hk, G, D) float32 queries, already multiplied by the attention scaling.
+        gist_k: (B, Hk, N, D) float32 level-1 gist keys.
+        gist_valid: (B, N) bool.
+        window_start: (B,) first chunk of the local window. Valid chunks before it are candidates,
+            and valid chunks from it on are always recalled.
+        k: (B,) chunks each query head keeps (each KV head with ``merge="group-sum"``).
+        merge: ``union`` or ``group-sum``, as in ``gsa.ops.select.select_chunks``.
+
+    Returns:
+        (B, Hk, K) int64 chosen chunks in ascending order, padded with chunk 0, and the (B, Hk, K)
+        bool flags that are false on the padding.
+    """
+    batch, kv_heads, _, dim = grouped.shape
+    _check_tensor("grouped", grouped, tuple(grouped.shape), torch.float32)
+    _check_tensor("gist_k", gist_k, (batch, kv_heads, gist_k.shape[2], dim), torch.float32)
+    rows = _row_arguments(gist_valid, window_start, k, batch, gist_k.shape[2])
+    return _call("gist_top_chunks", grouped.contiguous(), gist_k.contiguous(), *rows,
+                 _group_sum(merge))
+
+
+def cpp_top_chunks(scores: torch.Tensor, gist_valid: torch.Tensor, window_start: torch.Tensor, k: torch.Tensor,
+                   merge: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the chunks to recall from any method's (B, Hk, G, N) float32 scores, as ``cpp_gist_top_chunks``."""
+    _check_tensor("scores", scores, tuple(scores.shape), torch.float32)
+    rows = _row_arguments(gist_valid, window_start, k, scores.shape[0], scores.shape[-1])
+    return _call("top_chunks", scores.contiguous(), *rows, _group_sum(merge))
+
+
+def _row_arguments(gist_valid, window_start, k, batch: int, num_chunks: int) -> tuple[torch.Tensor, ...]:
+    _check_tensor("gist_valid", gist_valid, (batch, num_chunks), torch.bool)
+    _check_tensor("window_start", window_start, (batch,), torch.int64)
+    _check_tensor("k", k, (batch,), torch.int64)
+    return gist_valid.contiguous(), window_start.contiguous(), k.contiguous()
+
+
+def _group_sum(merge: str) -> bool:
+    if merge not in ("union", "group-sum"):
+        raise InvalidInputError(f"invalid merge {merge!r}; choose union or group-sum")
+    return merge == "group-sum"
+
+
+def _check_tensor(name: str, tensor: torch.Tensor, shape: tuple, dtype: torch.dtype) -> None:
+    if tuple(tensor.shape) != shape or tensor.dtype != dtype or tensor.device.type != "cpu":
+        raise InvalidInputError(f"{name} is {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}; "
+                                f"the CPU selection kernel expects {shape} {dtype} on the CPU")
+
+
+def _call(operator: str, *arguments):
+    """Build the extension if needed, then run its ``operator``."""
+    reason = cpp_unavailable_reason()
+    if reason is not None:
+        raise InvalidInputError(f"{reason}; use the torch recall kernel instead")
+    return getattr(torch.ops.gsa_cpu, operator)(*arguments)
 
 
 def main() -> int:
