@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import skip_unavailable
+from conftest import relative_error, skip_unavailable
 from gsa.config import GSAConfig
 from gsa.errors import InvalidInputError
 from gsa.layout import GistSpec
 from gsa.ops import cpu_kernel
 from gsa.ops.attend import Visibility, recalled_chunks
-from gsa.ops.naive import naive_select
+from gsa.ops.naive import naive_recalled_attention, naive_select
 from gsa.ops.select import score_gists, select_chunks
 from gsa.sparse import selective_attention, visibility
 from gsa.tiers import Tiers
@@ -170,3 +170,41 @@ def test_decode_step_same_with_either_kernel(method, merge):
     for fast, reference in zip(outputs["cpp"], outputs["torch"]):
         assert torch.allclose(fast, reference, rtol=1e-5, atol=1e-6) if fast.is_floating_point() \
             else torch.equal(fast, reference)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("merge", ["union", "group-sum"])
+@pytest.mark.parametrize("with_gists", [True, False])
+def test_select_and_attend_matches_twins(shape, merge, with_gists):
+    """The fused call picks what the selection kernel picks and attends it as the loop twin does."""
+    skip_unavailable("cpp")
+    batch, kv_heads, group, dim, num_chunks = shape
+    generator = torch.Generator().manual_seed(5)
+    grouped = torch.randn(batch, kv_heads, group, dim, generator=generator)
+    gist_k, gist_v = torch.randn(2, batch, kv_heads, num_chunks, dim, generator=generator)
+    chunk_k, chunk_v = torch.randn(2, batch, kv_heads, num_chunks, 3, dim, generator=generator)
+    chunk_valid = torch.rand(batch, num_chunks, 3, generator=generator) > 0.3
+    chunk_valid[:, :, 0] = True
+    gist_valid, window_start, k = rows_inputs(batch, num_chunks, generator)
+
+    index, picked, partial = cpu_kernel.cpp_select_and_attend(
+        grouped, gist_k, gist_v, gist_valid, window_start, k, merge, chunk_k, chunk_v, chunk_valid, with_gists)
+    expected_index, expected_picked = cpu_kernel.cpp_gist_top_chunks(grouped, gist_k, gist_valid, window_start, k,
+                                                                     merge)
+    assert torch.equal(index, expected_index)
+    assert torch.equal(picked, expected_picked)
+    gists = (gist_k, gist_v) if with_gists else (None, None)
+    expected, expected_lse = naive_recalled_attention(grouped, chunk_k, chunk_v, chunk_valid, index, picked, *gists)
+    assert relative_error(partial.output(), expected) < 1e-5
+    finite = torch.isfinite(expected_lse)
+    assert torch.equal(torch.isfinite(partial.lse()), finite)
+    assert relative_error(partial.lse()[finite], expected_lse[finite]) < 1e-5
+
+
+def test_select_and_attend_rejects_float64_gists():
+    grouped, chunks = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 4, 2, 8)
+    gists = torch.randn(1, 1, 4, 8, dtype=torch.float64)
+    with pytest.raises(InvalidInputError, match="float32 gists"):
+        cpu_kernel.cpp_select_and_attend(grouped, gists, gists, torch.ones(1, 4, dtype=torch.bool), torch.tensor([2]),
+                                         torch.tensor([1]), "union", chunks, chunks,
+                                         torch.ones(1, 4, 2, dtype=torch.bool), True)

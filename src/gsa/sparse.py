@@ -12,7 +12,7 @@ import torch
 
 from gsa.config import GSAConfig
 from gsa.diagnostics import RouterProbe
-from gsa.ops.cpu_kernel import cpp_gist_top_chunks, cpp_top_chunks
+from gsa.ops.cpu_kernel import cpp_gist_top_chunks, cpp_select_and_attend, cpp_supports, cpp_top_chunks
 from gsa.ops.recall import resolve_kernel
 from gsa.ops.attend import Visibility, attend_gathered, attend_masked, attended_counts, recent_visibility
 from gsa.hierarchy import frontier
@@ -241,6 +241,9 @@ def selective_attention(
     Returns the (B, H, T, D) output and the key counts of this layer. A ``probe`` receives the
     routing choice for diagnostics.
     """
+    fused = _select_and_attend(query, tiers, query_slot, config, layer_idx, scaling) if probe is None else None
+    if fused is not None:
+        return fused
     vis = visibility(query, tiers, query_slot, config, layer_idx, scaling, probe)
     if probe is not None:
         probe.record_unfolded(layer_idx, vis.chunk_on)
@@ -250,4 +253,39 @@ def selective_attention(
         out = attend_gathered(query, tiers, vis, scaling, kernel=config.recall_kernel)
     else:
         out = attend_masked(query, tiers, vis, scaling)
+    return out, KeyCounts(*attended_counts(tiers, vis), scored=vis.scored)
+
+
+def _select_and_attend(query: torch.Tensor, tiers: Tiers, query_slot: torch.Tensor, config: GSAConfig,
+                       layer_idx: int, scaling: float) -> tuple[torch.Tensor, KeyCounts] | None:
+    """Run a decode step of a gist router in one C++ call that scores, picks and attends the chunks.
+
+    Returns None where the call does not apply: several queries per row, top-p, the naive
+    implementation, a layer that does not select, several gist levels, a method whose scores are
+    not gist products, or a recall kernel that does not resolve to ``cpp`` for a chunk tier it can
+    read in place. ``visibility`` followed by ``attend_gathered`` is its twin.
+    """
+    method = get_method(config.method)
+    if (query.shape[2] != 1 or config.top_p is not None or config.impl == "naive" or tiers.upper
+            or not method.scores_gist_products or not selects_in_layer(config, layer_idx)):
+        return None
+    stored = (tiers.chunk_k, tiers.chunk_v) if tiers.store is None else tiers.store.in_place()
+    batch, heads, _, dim = query.shape
+    kv_heads = tiers.num_kv_heads
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim).float() * scaling  # (B, Hk, G, D)
+    if stored is None or resolve_kernel(config.recall_kernel, grouped, stored[0]) != "cpp" \
+            or not cpp_supports(grouped, tiers.gist_k):
+        return None
+
+    recent_on = recent_visibility(tiers, query_slot)  # (B, T, R)
+    k = _chunks_to_recall(tiers, recent_on, config, heads // kv_heads)  # (B, T)
+    window_start = tiers.num_chunks - config.spec.window_chunks  # (B,)
+    index, picked, recalled = cpp_select_and_attend(
+        grouped, tiers.gist_k, tiers.gist_v, tiers.gist_valid, window_start, k[:, 0], config.merge, *stored,
+        tiers.chunk_valid, with_gists=config.attends_gists)
+    num_chunks = tiers.gist_valid.shape[1]
+    candidates = (tiers.gist_valid & (torch.arange(num_chunks) < window_start[:, None])).sum(-1)  # (B,)
+    scored = candidates[:, None, None].expand(batch, kv_heads, 1)
+    vis = _listed_visibility(index, picked, num_chunks, recent_on, config, scored)
+    out = attend_gathered(query, tiers, vis, scaling, recalled=recalled)
     return out, KeyCounts(*attended_counts(tiers, vis), scored=vis.scored)

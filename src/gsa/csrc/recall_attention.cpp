@@ -25,27 +25,12 @@
 #include <limits>
 #include <vector>
 
+#include "kernels.h"
 #include "vec_math.h"
 
 namespace {
 
 using namespace gsa_kernels;
-
-// Pointers and sizes of one (batch row, KV head) task.
-struct HeadTask {
-  const float* query;        // (G, D)
-  const float* keys;         // (N, Cm, D)
-  const float* values;       // (N, Cm, D)
-  const bool* valid;         // (N, Cm)
-  const int64_t* index;      // (K,)
-  const bool* picked;        // (K,)
-  const float* gist_keys;    // (N, D), or nullptr
-  const float* gist_values;  // (N, D), or nullptr
-  float* numer;              // (G, D)
-  float* top;                // (G,)
-  float* total;              // (G,)
-  int64_t group, dim, chunk_len, recalled;
-};
 
 // Picked chunks between the current one and the one prefetched. Distances of 2, 3 and 5 were no
 // faster at 128K keys on a 2-core AMD EPYC machine.
@@ -116,10 +101,10 @@ void attend_head(const HeadTask& t) {
   std::vector<float> logits(((t.chunk_len + 1) * G + kLanes - 1) / kLanes * kLanes);
   const int64_t chunk_floats = t.chunk_len * t.dim;
   for (int64_t slot = 0; slot < t.recalled; ++slot) {
-    if (!t.picked[slot]) continue;
+    if (t.picked != nullptr && !t.picked[slot]) continue;
     Ahead ahead;
     for (int64_t next = slot + 1, seen = 0; next < t.recalled; ++next) {
-      if (!t.picked[next] || ++seen < kPrefetchDistance) continue;
+      if ((t.picked != nullptr && !t.picked[next]) || ++seen < kPrefetchDistance) continue;
       ahead = {t.keys + t.index[next] * chunk_floats, t.values + t.index[next] * chunk_floats, t.chunk_len};
       break;
     }
@@ -140,54 +125,18 @@ void attend_head(const HeadTask& t) {
   }
 }
 
-// Run a task in slices of at most kMaxGroup query heads, each with the pass unrolled for its size.
-void run_task(const HeadTask& task) {
-  for (int64_t first = 0; first < task.group; first += kMaxGroup) {
-    HeadTask t = task;
-    t.group = std::min(kMaxGroup, task.group - first);
-    t.query += first * t.dim;
-    t.numer += first * t.dim;
-    t.top += first;
-    t.total += first;
-    switch (t.group) {
-      case 1: attend_head<1>(t); break;
-      case 2: attend_head<2>(t); break;
-      case 3: attend_head<3>(t); break;
-      case 4: attend_head<4>(t); break;
-      case 5: attend_head<5>(t); break;
-      case 6: attend_head<6>(t); break;
-      case 7: attend_head<7>(t); break;
-      default: attend_head<8>(t); break;
-    }
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> recall_attention(
     const at::Tensor& grouped, const at::Tensor& chunk_k, const at::Tensor& chunk_v, const at::Tensor& chunk_valid,
     const at::Tensor& index, const at::Tensor& picked, const at::Tensor& gist_k, const at::Tensor& gist_v) {
   // The Python wrapper gives clearer messages for the same checks. These guard direct calls.
-  TORCH_CHECK(grouped.dim() == 4 && chunk_k.dim() == 5, "recall_attention takes (B, Hk, G, D) queries and "
-              "(B, Hk, N, Cm, D) chunks");
+  check_recall_tensors(grouped, chunk_k, chunk_v, chunk_valid, gist_k, gist_v);
   const int64_t batch = grouped.size(0), kv_heads = grouped.size(1), group = grouped.size(2), dim = grouped.size(3);
   const int64_t num_chunks = chunk_k.size(2), chunk_len = chunk_k.size(3);
   const bool with_gists = gist_k.numel() > 0;
-  TORCH_CHECK(chunk_k.sizes() == at::IntArrayRef({batch, kv_heads, num_chunks, chunk_len, dim}) &&
-                  chunk_v.sizes() == chunk_k.sizes(), "chunk_k and chunk_v must be (B, Hk, N, Cm, D) with the "
-              "queries' B, Hk and D");
-  TORCH_CHECK(chunk_valid.sizes() == at::IntArrayRef({batch, num_chunks, chunk_len}), "chunk_valid must be (B, N, Cm)");
   TORCH_CHECK(index.dim() == 3 && index.size(0) == batch && index.size(1) == kv_heads &&
-                  picked.sizes() == index.sizes(), "index and picked must be (B, Hk, K)");
-  TORCH_CHECK(!with_gists || (gist_k.sizes() == at::IntArrayRef({batch, kv_heads, num_chunks, dim}) &&
-                              gist_v.sizes() == gist_k.sizes()), "gist_k and gist_v must be (B, Hk, N, D)");
-  TORCH_CHECK(grouped.is_contiguous() && chunk_k.is_contiguous() && chunk_v.is_contiguous() &&
-                  chunk_valid.is_contiguous() && index.is_contiguous() && picked.is_contiguous() &&
-                  gist_k.is_contiguous() && gist_v.is_contiguous(),
-              "recall_attention takes contiguous tensors");
-  TORCH_CHECK(grouped.scalar_type() == at::kFloat && chunk_k.scalar_type() == at::kFloat &&
-                  chunk_v.scalar_type() == at::kFloat && chunk_valid.scalar_type() == at::kBool &&
-                  index.scalar_type() == at::kLong && picked.scalar_type() == at::kBool &&
-                  (!with_gists || (gist_k.scalar_type() == at::kFloat && gist_v.scalar_type() == at::kFloat)),
-              "recall_attention takes float32 queries, chunks and gists, bool masks and int64 indices");
+                  picked.sizes() == index.sizes() && index.is_contiguous() && picked.is_contiguous() &&
+                  index.scalar_type() == at::kLong && picked.scalar_type() == at::kBool,
+              "index and picked must be contiguous (B, Hk, K) int64 and bool tensors");
   const int64_t recalled = index.size(2);
   const int64_t* chunk_ids = index.data_ptr<int64_t>();
   const bool* chunk_picked = picked.data_ptr<bool>();
@@ -222,6 +171,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recall_attention(
 }
 
 }  // namespace
+
+namespace gsa_kernels {
+
+// Run a task in slices of at most kMaxGroup query heads, each with the pass unrolled for its size.
+void run_task(const HeadTask& task) {
+  for (int64_t first = 0; first < task.group; first += kMaxGroup) {
+    HeadTask t = task;
+    t.group = std::min(kMaxGroup, task.group - first);
+    t.query += first * t.dim;
+    t.numer += first * t.dim;
+    t.top += first;
+    t.total += first;
+    switch (t.group) {
+      case 1: attend_head<1>(t); break;
+      case 2: attend_head<2>(t); break;
+      case 3: attend_head<3>(t); break;
+      case 4: attend_head<4>(t); break;
+      case 5: attend_head<5>(t); break;
+      case 6: attend_head<6>(t); break;
+      case 7: attend_head<7>(t); break;
+      default: attend_head<8>(t); break;
+    }
+  }
+}
+
+void check_recall_tensors(const at::Tensor& grouped, const at::Tensor& chunk_k, const at::Tensor& chunk_v,
+                          const at::Tensor& chunk_valid, const at::Tensor& gist_k, const at::Tensor& gist_v) {
+  TORCH_CHECK(grouped.dim() == 4 && chunk_k.dim() == 5, "recall_attention takes (B, Hk, G, D) queries and "
+              "(B, Hk, N, Cm, D) chunks");
+  const int64_t batch = grouped.size(0), kv_heads = grouped.size(1), dim = grouped.size(3);
+  const int64_t num_chunks = chunk_k.size(2), chunk_len = chunk_k.size(3);
+  const bool with_gists = gist_k.numel() > 0;
+  TORCH_CHECK(chunk_k.sizes() == at::IntArrayRef({batch, kv_heads, num_chunks, chunk_len, dim}) &&
+                  chunk_v.sizes() == chunk_k.sizes(), "chunk_k and chunk_v must be (B, Hk, N, Cm, D) with the "
+              "queries' B, Hk and D");
+  TORCH_CHECK(chunk_valid.sizes() == at::IntArrayRef({batch, num_chunks, chunk_len}), "chunk_valid must be (B, N, Cm)");
+  TORCH_CHECK(!with_gists || (gist_k.sizes() == at::IntArrayRef({batch, kv_heads, num_chunks, dim}) &&
+                              gist_v.sizes() == gist_k.sizes()), "gist_k and gist_v must be (B, Hk, N, D)");
+  TORCH_CHECK(grouped.is_contiguous() && chunk_k.is_contiguous() && chunk_v.is_contiguous() &&
+                  chunk_valid.is_contiguous() && gist_k.is_contiguous() && gist_v.is_contiguous(),
+              "recall_attention takes contiguous tensors");
+  TORCH_CHECK(grouped.scalar_type() == at::kFloat && chunk_k.scalar_type() == at::kFloat &&
+                  chunk_v.scalar_type() == at::kFloat && chunk_valid.scalar_type() == at::kBool &&
+                  (!with_gists || (gist_k.scalar_type() == at::kFloat && gist_v.scalar_type() == at::kFloat)),
+              "recall_attention takes float32 queries, chunks and gists and a bool chunk_valid");
+}
+
+}  // namespace gsa_kernels
 
 TORCH_LIBRARY(gsa_cpu, m) {
   m.def("recall_attention(Tensor grouped, Tensor chunk_k, Tensor chunk_v, Tensor chunk_valid, Tensor index, "

@@ -23,6 +23,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -34,21 +35,12 @@
 #include <limits>
 #include <vector>
 
+#include "kernels.h"
 #include "vec_math.h"
 
 namespace {
 
 using namespace gsa_kernels;
-
-// The chunks of one (batch row, KV head) task and how many each head keeps.
-struct RowChoice {
-  const bool* valid;  // (N,)
-  int64_t num_chunks;
-  int64_t window_start;  // candidates are the valid chunks before it
-  int64_t k;
-
-  int64_t candidate_end() const { return std::clamp<int64_t>(window_start, 0, num_chunks); }
-};
 
 // A candidate as one integer that orders like (score, then the lower chunk index): the float's
 // bits made order-preserving in the high half, the complement of the chunk index in the low half.
@@ -148,30 +140,6 @@ void score_slice(const float* query, const float* gists, int64_t group, int64_t 
   }
 }
 
-// Score the candidates of one task for every query head, kMaxGroup heads at a time, and choose.
-// The buffers are kept per thread, because allocating them for every task costs page faults.
-std::vector<int64_t> score_and_choose(const float* query, const float* gists, int64_t group, int64_t dim,
-                                      const RowChoice& row, bool group_sum) {
-  thread_local std::vector<float> slice, summed;  // (end, slice heads) and (end,)
-  thread_local std::vector<Ranked> kept;
-  const int64_t end = row.candidate_end();
-  slice.resize(std::min(group, kMaxGroup) * end);
-  if (group_sum) summed.assign(end, 0.f);
-  std::vector<uint8_t> chosen(row.num_chunks, 0);
-  for (int64_t first = 0; first < group; first += kMaxGroup) {
-    const int64_t size = std::min(kMaxGroup, group - first);
-    score_slice(query + first * dim, gists, size, end, dim, slice.data());
-    if (group_sum) {
-      for (int64_t n = 0; n < end; ++n)
-        for (int64_t g = 0; g < size; ++g) summed[n] += slice[n * size + g];
-    } else {
-      for (int64_t g = 0; g < size; ++g) mark_top(slice.data() + g, size, row, kept, chosen);
-    }
-  }
-  if (group_sum) mark_top(summed.data(), 1, row, kept, chosen);
-  return chosen_list(row, chosen);
-}
-
 void check_rows(const at::Tensor& gist_valid, const at::Tensor& window_start, const at::Tensor& k, int64_t batch,
                 int64_t num_chunks) {
   TORCH_CHECK(gist_valid.sizes() == at::IntArrayRef({batch, num_chunks}) && gist_valid.scalar_type() == at::kBool &&
@@ -181,11 +149,11 @@ void check_rows(const at::Tensor& gist_valid, const at::Tensor& window_start, co
                   window_start.is_contiguous() && k.is_contiguous(), "window_start and k must be (B,) int64 tensors");
 }
 
-// Run ``task_choice(task, row)`` for every (batch row, KV head) and pack the lists into (index, picked).
+// Run ``task_choice(task, row)`` for every (batch row, KV head) and return the chosen lists.
 template <typename TaskChoice>
-std::tuple<at::Tensor, at::Tensor> choose_all(int64_t batch, int64_t kv_heads, const at::Tensor& gist_valid,
-                                              const at::Tensor& window_start, const at::Tensor& k,
-                                              const TaskChoice& task_choice) {
+std::vector<std::vector<int64_t>> choose_all(int64_t batch, int64_t kv_heads, const at::Tensor& gist_valid,
+                                             const at::Tensor& window_start, const at::Tensor& k,
+                                             const TaskChoice& task_choice) {
   const int64_t num_chunks = gist_valid.size(1);
   std::vector<std::vector<int64_t>> lists(batch * kv_heads);
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
@@ -196,6 +164,12 @@ std::tuple<at::Tensor, at::Tensor> choose_all(int64_t batch, int64_t kv_heads, c
       lists[task] = task_choice(task, row);
     }
   });
+  return lists;
+}
+
+// Pack one list per (batch row, KV head) into (index, picked), both (B, Hk, K).
+std::tuple<at::Tensor, at::Tensor> pack_lists(const std::vector<std::vector<int64_t>>& lists, int64_t batch,
+                                              int64_t kv_heads) {
   int64_t width = 0;
   for (const auto& list : lists) width = std::max<int64_t>(width, static_cast<int64_t>(list.size()));
   auto index = at::zeros({batch, kv_heads, width}, at::kLong);
@@ -222,10 +196,11 @@ std::tuple<at::Tensor, at::Tensor> gist_top_chunks(const at::Tensor& grouped, co
   check_rows(gist_valid, window_start, k, batch, num_chunks);
   const float* queries = grouped.data_ptr<float>();
   const float* gists = gist_k.data_ptr<float>();
-  return choose_all(batch, kv_heads, gist_valid, window_start, k, [&](int64_t task, const RowChoice& row) {
+  const auto lists = choose_all(batch, kv_heads, gist_valid, window_start, k, [&](int64_t task, const RowChoice& row) {
     return score_and_choose(queries + task * group * dim, gists + task * num_chunks * dim, group, dim, row,
                             group_sum);
   });
+  return pack_lists(lists, batch, kv_heads);
 }
 
 std::tuple<at::Tensor, at::Tensor> top_chunks(const at::Tensor& scores, const at::Tensor& gist_valid,
@@ -235,21 +210,92 @@ std::tuple<at::Tensor, at::Tensor> top_chunks(const at::Tensor& scores, const at
   const int64_t batch = scores.size(0), kv_heads = scores.size(1), group = scores.size(2), num_chunks = scores.size(3);
   check_rows(gist_valid, window_start, k, batch, num_chunks);
   const float* data = scores.data_ptr<float>();
-  return choose_all(batch, kv_heads, gist_valid, window_start, k, [&](int64_t task, const RowChoice& row) {
+  const auto lists = choose_all(batch, kv_heads, gist_valid, window_start, k, [&](int64_t task, const RowChoice& row) {
     return choose(data + task * group * num_chunks, group, num_chunks, 1, row, group_sum);
   });
+  return pack_lists(lists, batch, kv_heads);
+}
+
+// Choose each task's chunks as gist_top_chunks does, then attend them as recall_attention does,
+// in one pass per task: the task's scores and chunk list stay in its thread's cache, and while one
+// thread streams gists the other can be attending chunks.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_and_attend(
+    const at::Tensor& grouped, const at::Tensor& gist_k, const at::Tensor& gist_valid, const at::Tensor& window_start,
+    const at::Tensor& k, bool group_sum, const at::Tensor& chunk_k, const at::Tensor& chunk_v,
+    const at::Tensor& chunk_valid, const at::Tensor& gist_v, bool with_gists) {
+  check_recall_tensors(grouped, chunk_k, chunk_v, chunk_valid, gist_k, gist_v);
+  TORCH_CHECK(gist_k.numel() > 0 || chunk_k.size(2) == 0, "select_and_attend needs the gist keys to score");
+  const int64_t batch = grouped.size(0), kv_heads = grouped.size(1), group = grouped.size(2), dim = grouped.size(3);
+  const int64_t num_chunks = chunk_k.size(2), chunk_len = chunk_k.size(3);
+  check_rows(gist_valid, window_start, k, batch, num_chunks);
+  auto numer = at::empty({batch, kv_heads, group, dim}, grouped.options());
+  auto top = at::empty({batch, kv_heads, group}, grouped.options());
+  auto total = at::empty({batch, kv_heads, group}, grouped.options());
+  const auto lists = choose_all(batch, kv_heads, gist_valid, window_start, k, [&](int64_t task, const RowChoice& row) {
+    const float* gists = gist_k.data_ptr<float>() + task * num_chunks * dim;
+    std::vector<int64_t> list = score_and_choose(grouped.data_ptr<float>() + task * group * dim, gists, group, dim,
+                                                 row, group_sum);
+    const HeadTask t{grouped.data_ptr<float>() + task * group * dim,
+                     chunk_k.data_ptr<float>() + task * num_chunks * chunk_len * dim,
+                     chunk_v.data_ptr<float>() + task * num_chunks * chunk_len * dim,
+                     chunk_valid.data_ptr<bool>() + (task / kv_heads) * num_chunks * chunk_len,
+                     list.data(),
+                     nullptr,
+                     with_gists ? gists : nullptr,
+                     with_gists ? gist_v.data_ptr<float>() + task * num_chunks * dim : nullptr,
+                     numer.data_ptr<float>() + task * group * dim,
+                     top.data_ptr<float>() + task * group,
+                     total.data_ptr<float>() + task * group,
+                     group, dim, chunk_len, static_cast<int64_t>(list.size())};
+    run_task(t);
+    return list;
+  });
+  auto [index, picked] = pack_lists(lists, batch, kv_heads);
+  return {index, picked, numer, top, total};
 }
 
 }  // namespace
+
+namespace gsa_kernels {
+
+// Score the candidates of one task for every query head, kMaxGroup heads at a time, and choose.
+// The buffers are kept per thread, because allocating them for every task costs page faults.
+std::vector<int64_t> score_and_choose(const float* query, const float* gists, int64_t group, int64_t dim,
+                                      const RowChoice& row, bool group_sum) {
+  thread_local std::vector<float> slice, summed;  // (end, slice heads) and (end,)
+  thread_local std::vector<Ranked> kept;
+  const int64_t end = row.candidate_end();
+  slice.resize(std::min(group, kMaxGroup) * end);
+  if (group_sum) summed.assign(end, 0.f);
+  std::vector<uint8_t> chosen(row.num_chunks, 0);
+  for (int64_t first = 0; first < group; first += kMaxGroup) {
+    const int64_t size = std::min(kMaxGroup, group - first);
+    score_slice(query + first * dim, gists, size, end, dim, slice.data());
+    if (group_sum) {
+      for (int64_t n = 0; n < end; ++n)
+        for (int64_t g = 0; g < size; ++g) summed[n] += slice[n * size + g];
+    } else {
+      for (int64_t g = 0; g < size; ++g) mark_top(slice.data() + g, size, row, kept, chosen);
+    }
+  }
+  if (group_sum) mark_top(summed.data(), 1, row, kept, chosen);
+  return chosen_list(row, chosen);
+}
+
+}  // namespace gsa_kernels
 
 TORCH_LIBRARY_FRAGMENT(gsa_cpu, m) {
   m.def("gist_top_chunks(Tensor grouped, Tensor gist_k, Tensor gist_valid, Tensor window_start, Tensor k, "
         "bool group_sum) -> (Tensor, Tensor)");
   m.def("top_chunks(Tensor scores, Tensor gist_valid, Tensor window_start, Tensor k, bool group_sum) "
         "-> (Tensor, Tensor)");
+  m.def("select_and_attend(Tensor grouped, Tensor gist_k, Tensor gist_valid, Tensor window_start, Tensor k, "
+        "bool group_sum, Tensor chunk_k, Tensor chunk_v, Tensor chunk_valid, Tensor gist_v, bool with_gists) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(gsa_cpu, CPU, m) {
   m.impl("gist_top_chunks", &gist_top_chunks);
   m.impl("top_chunks", &top_chunks);
+  m.impl("select_and_attend", &select_and_attend);
 }

@@ -203,6 +203,27 @@ def cpp_top_chunks(scores: torch.Tensor, gist_valid: torch.Tensor, window_start:
     return _call("top_chunks", scores.contiguous(), *rows, _group_sum(merge))
 
 
+def cpp_select_and_attend(grouped: torch.Tensor, gist_k: torch.Tensor, gist_v: torch.Tensor,
+                          gist_valid: torch.Tensor, window_start: torch.Tensor, k: torch.Tensor, merge: str,
+                          chunk_k: torch.Tensor, chunk_v: torch.Tensor, chunk_valid: torch.Tensor,
+                          with_gists: bool) -> tuple[torch.Tensor, torch.Tensor, Partial]:
+    """Pick the chunks as ``cpp_gist_top_chunks`` does and attend them as ``cpp_recalled_attention``
+    does, in one C++ call that runs both for each (batch row, KV head) in turn.
+
+    ``gist_v`` and ``with_gists`` say whether each recalled chunk's gist is attended too. Returns
+    the (B, Hk, K) chunk list with its flags and the ``Partial`` softmax over the recalled keys.
+    """
+    _check_inputs(grouped, chunk_k, chunk_v, chunk_valid, torch.zeros(*grouped.shape[:2], 0, dtype=torch.long),
+                  torch.zeros(*grouped.shape[:2], 0, dtype=torch.bool), gist_k, gist_v)
+    if gist_k.dtype != torch.float32 or gist_v.dtype != torch.float32:
+        raise InvalidInputError(f"the CPU selection kernel takes float32 gists, got {gist_k.dtype} and {gist_v.dtype}")
+    rows = _row_arguments(gist_valid, window_start, k, grouped.shape[0], chunk_k.shape[2])
+    index, picked, numer, top, total = _call(
+        "select_and_attend", grouped.contiguous(), gist_k.contiguous(), *rows, _group_sum(merge), chunk_k,
+        chunk_v.contiguous(), chunk_valid.contiguous(), gist_v.contiguous(), with_gists)
+    return index, picked, Partial(numer, top, total)
+
+
 def _row_arguments(gist_valid, window_start, k, batch: int, num_chunks: int) -> tuple[torch.Tensor, ...]:
     _check_tensor("gist_valid", gist_valid, (batch, num_chunks), torch.bool)
     _check_tensor("window_start", window_start, (batch,), torch.int64)
