@@ -159,7 +159,7 @@ def test_decode_step_same_with_either_kernel(method, merge):
     skip_unavailable("cpp")
     tiers = random_tiers(num_chunks=41)
     query = torch.randn(1, 6, 1, 16, generator=torch.Generator().manual_seed(9))  # G = 3
-    slot = torch.tensor([[2]])
+    slot = torch.tensor([[1]])  # the last recent token comes after the query, so it stays hidden
     outputs = {}
     for kernel in ("torch", "cpp"):
         config = GSAConfig(method=method, merge=merge, spec=GistSpec(chunk_size=4, window_chunks=2),
@@ -172,11 +172,31 @@ def test_decode_step_same_with_either_kernel(method, merge):
             else torch.equal(fast, reference)
 
 
+def loop_attention(grouped, rows):
+    """Loop twin of one softmax per (b, h, g) over explicit (key, value) rows: rows[b][h] lists them.
+
+    Returns the (B, Hk, G, D) output, zeros where a row has no key, in float64.
+    """
+    batch, kv_heads, group, dim = grouped.shape
+    out = torch.zeros(batch, kv_heads, group, dim, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(kv_heads):
+            if not rows[b][h]:
+                continue
+            keys = torch.stack([key for key, _ in rows[b][h]]).double()
+            values = torch.stack([value for _, value in rows[b][h]]).double()
+            for g in range(group):
+                weights = torch.softmax(keys @ grouped[b, h, g].double(), dim=0)
+                out[b, h, g] = weights @ values
+    return out
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("merge", ["union", "group-sum"])
 @pytest.mark.parametrize("with_gists", [True, False])
 def test_select_and_attend_matches_twins(shape, merge, with_gists):
-    """The fused call picks what the selection kernel picks and attends it as the loop twin does."""
+    """The fused call picks what the selection kernel picks and attends sinks, recent tokens and
+    the picked chunks as the loop twin does."""
     skip_unavailable("cpp")
     batch, kv_heads, group, dim, num_chunks = shape
     generator = torch.Generator().manual_seed(5)
@@ -185,26 +205,49 @@ def test_select_and_attend_matches_twins(shape, merge, with_gists):
     chunk_k, chunk_v = torch.randn(2, batch, kv_heads, num_chunks, 3, dim, generator=generator)
     chunk_valid = torch.rand(batch, num_chunks, 3, generator=generator) > 0.3
     chunk_valid[:, :, 0] = True
+    sink_k, sink_v = torch.randn(2, batch, kv_heads, 2, dim, generator=generator)
+    recent_k, recent_v = torch.randn(2, batch, kv_heads, 5, dim, generator=generator)
+    sink_valid = torch.rand(batch, 2, generator=generator) > 0.3
+    recent_valid = torch.rand(batch, 5, generator=generator) > 0.5
     gist_valid, window_start, k = rows_inputs(batch, num_chunks, generator)
 
     index, picked, partial = cpu_kernel.cpp_select_and_attend(
-        grouped, gist_k, gist_v, gist_valid, window_start, k, merge, chunk_k, chunk_v, chunk_valid, with_gists)
+        grouped, gist_k, gist_v, gist_valid, window_start, k, merge, chunk_k, chunk_v, chunk_valid, with_gists,
+        sinks=(sink_k, sink_v, sink_valid), recent=(recent_k, recent_v, recent_valid))
     expected_index, expected_picked = cpu_kernel.cpp_gist_top_chunks(grouped, gist_k, gist_valid, window_start, k,
                                                                      merge)
     assert torch.equal(index, expected_index)
     assert torch.equal(picked, expected_picked)
-    gists = (gist_k, gist_v) if with_gists else (None, None)
-    expected, expected_lse = naive_recalled_attention(grouped, chunk_k, chunk_v, chunk_valid, index, picked, *gists)
-    assert relative_error(partial.output(), expected) < 1e-5
-    finite = torch.isfinite(expected_lse)
-    assert torch.equal(torch.isfinite(partial.lse()), finite)
-    assert relative_error(partial.lse()[finite], expected_lse[finite]) < 1e-5
+
+    rows = [[[] for _ in range(kv_heads)] for _ in range(batch)]
+    for b in range(batch):
+        for h in range(kv_heads):
+            rows[b][h] += [(sink_k[b, h, s], sink_v[b, h, s]) for s in range(2) if sink_valid[b, s]]
+            rows[b][h] += [(recent_k[b, h, r], recent_v[b, h, r]) for r in range(5) if recent_valid[b, r]]
+            for n in index[b, h][picked[b, h]].tolist():
+                rows[b][h] += [(chunk_k[b, h, n, c], chunk_v[b, h, n, c]) for c in range(3) if chunk_valid[b, n, c]]
+                if with_gists:
+                    rows[b][h].append((gist_k[b, h, n], gist_v[b, h, n]))
+    assert relative_error(partial.output(), loop_attention(grouped, rows).float()) < 1e-5
+    seen = torch.tensor([[bool(rows[b][h]) for h in range(kv_heads)] for b in range(batch)])
+    assert torch.equal(torch.isfinite(partial.lse()), seen[..., None].expand(-1, -1, group))
 
 
 def test_select_and_attend_rejects_float64_gists():
     grouped, chunks = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 4, 2, 8)
     gists = torch.randn(1, 1, 4, 8, dtype=torch.float64)
-    with pytest.raises(InvalidInputError, match="float32 gists"):
+    dense = (torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8), torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(InvalidInputError, match="gist_k"):
         cpu_kernel.cpp_select_and_attend(grouped, gists, gists, torch.ones(1, 4, dtype=torch.bool), torch.tensor([2]),
                                          torch.tensor([1]), "union", chunks, chunks,
-                                         torch.ones(1, 4, 2, dtype=torch.bool), True)
+                                         torch.ones(1, 4, 2, dtype=torch.bool), True, sinks=dense, recent=dense)
+
+
+def test_select_and_attend_rejects_bad_sinks():
+    grouped, chunks, gists = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 4, 2, 8), torch.randn(1, 1, 4, 8)
+    dense = (torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8), torch.ones(1, 2, dtype=torch.bool))
+    bad = (torch.randn(1, 1, 2, 6), torch.randn(1, 1, 2, 6), torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(InvalidInputError, match="sink keys"):
+        cpu_kernel.cpp_select_and_attend(grouped, gists, gists, torch.ones(1, 4, dtype=torch.bool), torch.tensor([2]),
+                                         torch.tensor([1]), "union", chunks, chunks,
+                                         torch.ones(1, 4, 2, dtype=torch.bool), True, sinks=bad, recent=dense)

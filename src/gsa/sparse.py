@@ -280,12 +280,14 @@ def _select_and_attend(query: torch.Tensor, tiers: Tiers, query_slot: torch.Tens
     recent_on = recent_visibility(tiers, query_slot)  # (B, T, R)
     k = _chunks_to_recall(tiers, recent_on, config, heads // kv_heads)  # (B, T)
     window_start = tiers.num_chunks - config.spec.window_chunks  # (B,)
-    index, picked, recalled = cpp_select_and_attend(
+    index, picked, attended = cpp_select_and_attend(
         grouped, tiers.gist_k, tiers.gist_v, tiers.gist_valid, window_start, k[:, 0], config.merge, *stored,
-        tiers.chunk_valid, with_gists=config.attends_gists)
+        tiers.chunk_valid, with_gists=config.attends_gists, sinks=(tiers.sink_k, tiers.sink_v, tiers.sink_valid),
+        recent=(tiers.recent_k, tiers.recent_v, recent_on[:, 0]))
+    out = attended.output().to(query.dtype).reshape(batch, heads, 1, dim)
+
     num_chunks = tiers.gist_valid.shape[1]
     candidates = (tiers.gist_valid & (torch.arange(num_chunks) < window_start[:, None])).sum(-1)  # (B,)
     scored = candidates[:, None, None].expand(batch, kv_heads, 1)
     vis = _listed_visibility(index, picked, num_chunks, recent_on, config, scored)
-    out = attend_gathered(query, tiers, vis, scaling, recalled=recalled)
     return out, KeyCounts(*attended_counts(tiers, vis), scored=vis.scored)

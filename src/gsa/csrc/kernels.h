@@ -10,6 +10,15 @@
 
 namespace gsa_kernels {
 
+// Key and value rows of one (batch row, KV head) attended besides the chunks, such as the sinks
+// or the recent tokens, with the valid ones flagged.
+struct DenseRows {
+  const float* keys = nullptr;    // (count, D)
+  const float* values = nullptr;  // (count, D)
+  const bool* valid = nullptr;    // (count,)
+  int64_t count = 0;
+};
+
 // Pointers and sizes of one (batch row, KV head) task of the recall attention.
 struct HeadTask {
   const float* query;        // (G, D)
@@ -24,6 +33,7 @@ struct HeadTask {
   float* top;                // (G,)
   float* total;              // (G,)
   int64_t group, dim, chunk_len, recalled;
+  DenseRows sinks, recent;  // attended before the chunks; empty unless the caller fills them
 };
 
 // Attend the task's picked chunks with an online softmax, writing numer, top and total.

@@ -98,7 +98,16 @@ void attend_head(const HeadTask& t) {
   }
   std::fill(t.numer, t.numer + G * t.dim, 0.f);
   std::vector<const float*> keys, values;
-  std::vector<float> logits(((t.chunk_len + 1) * G + kLanes - 1) / kLanes * kLanes);
+  const int64_t rows = std::max(t.chunk_len + 1, t.sinks.count + t.recent.count);
+  std::vector<float> logits((rows * G + kLanes - 1) / kLanes * kLanes);
+  for (const DenseRows* part : {&t.sinks, &t.recent}) {
+    for (int64_t r = 0; r < part->count; ++r) {
+      if (!part->valid[r]) continue;
+      keys.push_back(part->keys + r * t.dim);
+      values.push_back(part->values + r * t.dim);
+    }
+  }
+  if (!keys.empty()) fold_rows<G>(t, keys, values, logits.data(), Ahead());
   const int64_t chunk_floats = t.chunk_len * t.dim;
   for (int64_t slot = 0; slot < t.recalled; ++slot) {
     if (t.picked != nullptr && !t.picked[slot]) continue;

@@ -216,15 +216,38 @@ std::tuple<at::Tensor, at::Tensor> top_chunks(const at::Tensor& scores, const at
   return pack_lists(lists, batch, kv_heads);
 }
 
-// Choose each task's chunks as gist_top_chunks does, then attend them as recall_attention does,
-// in one pass per task: the task's scores and chunk list stay in its thread's cache, and while one
-// thread streams gists the other can be attending chunks.
+// Choose each task's chunks as gist_top_chunks does, then attend the sinks, the recent tokens
+// and the chunks in one softmax, in one pass per task: the task's scores and chunk list stay in
+// its thread's cache, and while one thread streams gists the other can be attending chunks.
+// Check (B, Hk, L, D) float32 keys and values with (B, L) bool flags of the valid rows.
+void check_dense(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& valid, const at::Tensor& grouped,
+                 const char* name) {
+  const int64_t batch = grouped.size(0), kv_heads = grouped.size(1), dim = grouped.size(3);
+  TORCH_CHECK(keys.dim() == 4 && keys.size(0) == batch && keys.size(1) == kv_heads && keys.size(3) == dim &&
+                  values.sizes() == keys.sizes() && valid.sizes() == at::IntArrayRef({batch, keys.size(2)}),
+              name, " keys and values must be (B, Hk, L, D) with (B, L) flags");
+  TORCH_CHECK(keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat && valid.scalar_type() == at::kBool &&
+                  keys.is_contiguous() && values.is_contiguous() && valid.is_contiguous(),
+              name, " keys and values must be contiguous float32 and their flags contiguous bool");
+}
+
+DenseRows dense_rows(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& valid, int64_t task,
+                     int64_t kv_heads) {
+  const int64_t count = keys.size(2), dim = keys.size(3);
+  return {keys.data_ptr<float>() + task * count * dim, values.data_ptr<float>() + task * count * dim,
+          valid.data_ptr<bool>() + (task / kv_heads) * count, count};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_and_attend(
     const at::Tensor& grouped, const at::Tensor& gist_k, const at::Tensor& gist_valid, const at::Tensor& window_start,
     const at::Tensor& k, bool group_sum, const at::Tensor& chunk_k, const at::Tensor& chunk_v,
-    const at::Tensor& chunk_valid, const at::Tensor& gist_v, bool with_gists) {
+    const at::Tensor& chunk_valid, const at::Tensor& gist_v, bool with_gists, const at::Tensor& sink_k,
+    const at::Tensor& sink_v, const at::Tensor& sink_valid, const at::Tensor& recent_k, const at::Tensor& recent_v,
+    const at::Tensor& recent_valid) {
   check_recall_tensors(grouped, chunk_k, chunk_v, chunk_valid, gist_k, gist_v);
   TORCH_CHECK(gist_k.numel() > 0 || chunk_k.size(2) == 0, "select_and_attend needs the gist keys to score");
+  check_dense(sink_k, sink_v, sink_valid, grouped, "sink");
+  check_dense(recent_k, recent_v, recent_valid, grouped, "recent");
   const int64_t batch = grouped.size(0), kv_heads = grouped.size(1), group = grouped.size(2), dim = grouped.size(3);
   const int64_t num_chunks = chunk_k.size(2), chunk_len = chunk_k.size(3);
   check_rows(gist_valid, window_start, k, batch, num_chunks);
@@ -246,7 +269,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_an
                      numer.data_ptr<float>() + task * group * dim,
                      top.data_ptr<float>() + task * group,
                      total.data_ptr<float>() + task * group,
-                     group, dim, chunk_len, static_cast<int64_t>(list.size())};
+                     group, dim, chunk_len, static_cast<int64_t>(list.size()),
+                     dense_rows(sink_k, sink_v, sink_valid, task, kv_heads),
+                     dense_rows(recent_k, recent_v, recent_valid, task, kv_heads)};
     run_task(t);
     return list;
   });
@@ -290,7 +315,8 @@ TORCH_LIBRARY_FRAGMENT(gsa_cpu, m) {
   m.def("top_chunks(Tensor scores, Tensor gist_valid, Tensor window_start, Tensor k, bool group_sum) "
         "-> (Tensor, Tensor)");
   m.def("select_and_attend(Tensor grouped, Tensor gist_k, Tensor gist_valid, Tensor window_start, Tensor k, "
-        "bool group_sum, Tensor chunk_k, Tensor chunk_v, Tensor chunk_valid, Tensor gist_v, bool with_gists) "
+        "bool group_sum, Tensor chunk_k, Tensor chunk_v, Tensor chunk_valid, Tensor gist_v, bool with_gists, "
+        "Tensor sink_k, Tensor sink_v, Tensor sink_valid, Tensor recent_k, Tensor recent_v, Tensor recent_valid) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -104,23 +104,20 @@ def attend_masked(query: torch.Tensor, tiers: Tiers, vis: Visibility, scaling: f
 
 
 def attend_gathered(query: torch.Tensor, tiers: Tiers, vis: Visibility, scaling: float,
-                    kernel: str = "auto", recalled: Partial | None = None) -> torch.Tensor:
+                    kernel: str = "auto") -> torch.Tensor:
     """Attend one query per row (T = 1) to sinks, recalled chunks, their gists and recent tokens.
 
-    The recalled chunks go through ``recalled_attention`` with ``kernel`` (see ``gsa.ops.recall``),
-    unless ``recalled`` already holds their partial softmax. The other tiers are small and go
-    through PyTorch products. With ``gist_mode="all"`` (the ``gist-only`` method and layer 0)
-    every gist is read, because every gist is attended there.
+    The recalled chunks go through ``recalled_attention`` with ``kernel`` (see ``gsa.ops.recall``);
+    the other tiers are small and go through PyTorch products. With ``gist_mode="all"`` (the
+    ``gist-only`` method and layer 0) every gist is read, because every gist is attended there.
     """
     batch, heads, length, dim = query.shape
     if length != 1:
         raise ValueError(f"the gathered path takes one query per row, got {length}")
     kv_heads = tiers.num_kv_heads
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim).float() * scaling  # (B, Hk, G, D)
-    if recalled is None:
-        index, picked = recalled_chunks(vis)  # (B, Hk, K)
-        recalled = _recalled_partial(grouped, tiers, index, picked, with_gists=vis.gist_mode == "chunks",
-                                     kernel=kernel)
+    index, picked = recalled_chunks(vis)  # (B, Hk, K)
+    recalled = _recalled_partial(grouped, tiers, index, picked, with_gists=vis.gist_mode == "chunks", kernel=kernel)
 
     # Every other tier: sinks, all gists in "all" mode, recent tokens and upper gists.
     b = torch.arange(batch, device=query.device)[:, None, None]

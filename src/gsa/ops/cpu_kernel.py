@@ -206,21 +206,30 @@ def cpp_top_chunks(scores: torch.Tensor, gist_valid: torch.Tensor, window_start:
 def cpp_select_and_attend(grouped: torch.Tensor, gist_k: torch.Tensor, gist_v: torch.Tensor,
                           gist_valid: torch.Tensor, window_start: torch.Tensor, k: torch.Tensor, merge: str,
                           chunk_k: torch.Tensor, chunk_v: torch.Tensor, chunk_valid: torch.Tensor,
-                          with_gists: bool) -> tuple[torch.Tensor, torch.Tensor, Partial]:
-    """Pick the chunks as ``cpp_gist_top_chunks`` does and attend them as ``cpp_recalled_attention``
-    does, in one C++ call that runs both for each (batch row, KV head) in turn.
+                          with_gists: bool, sinks: tuple, recent: tuple) -> tuple[torch.Tensor, torch.Tensor, Partial]:
+    """Pick the chunks as ``cpp_gist_top_chunks`` does, then attend the sinks, the recent tokens and
+    the recalled chunks in one softmax, in one C++ call that runs both for each (batch row, KV head).
 
-    ``gist_v`` and ``with_gists`` say whether each recalled chunk's gist is attended too. Returns
-    the (B, Hk, K) chunk list with its flags and the ``Partial`` softmax over the recalled keys.
+    ``with_gists`` says whether each recalled chunk's gist is attended too. ``sinks`` and
+    ``recent`` are (keys, values, valid) triples of (B, Hk, L, D) float32 states and (B, L) bool
+    flags. Returns the (B, Hk, K) chunk list with its flags and the ``Partial`` softmax over every
+    attended key.
     """
-    _check_inputs(grouped, chunk_k, chunk_v, chunk_valid, torch.zeros(*grouped.shape[:2], 0, dtype=torch.long),
-                  torch.zeros(*grouped.shape[:2], 0, dtype=torch.bool), gist_k, gist_v)
-    if gist_k.dtype != torch.float32 or gist_v.dtype != torch.float32:
-        raise InvalidInputError(f"the CPU selection kernel takes float32 gists, got {gist_k.dtype} and {gist_v.dtype}")
-    rows = _row_arguments(gist_valid, window_start, k, grouped.shape[0], chunk_k.shape[2])
+    batch, kv_heads, _, dim = grouped.shape
+    _check_inputs(grouped, chunk_k, chunk_v, chunk_valid, torch.zeros(batch, kv_heads, 0, dtype=torch.long),
+                  torch.zeros(batch, kv_heads, 0, dtype=torch.bool), gist_k, gist_v)
+    _check_tensor("gist_k", gist_k, tuple(gist_k.shape), torch.float32)
+    _check_tensor("gist_v", gist_v, tuple(gist_v.shape), torch.float32)
+    dense = []
+    for name, (keys, values, valid) in (("sink", sinks), ("recent", recent)):
+        _check_tensor(f"{name} keys", keys, (batch, kv_heads, keys.shape[2], dim), torch.float32)
+        _check_tensor(f"{name} values", values, tuple(keys.shape), torch.float32)
+        _check_tensor(f"{name} flags", valid, (batch, keys.shape[2]), torch.bool)
+        dense += [keys.contiguous(), values.contiguous(), valid.contiguous()]
+    rows = _row_arguments(gist_valid, window_start, k, batch, chunk_k.shape[2])
     index, picked, numer, top, total = _call(
         "select_and_attend", grouped.contiguous(), gist_k.contiguous(), *rows, _group_sum(merge), chunk_k,
-        chunk_v.contiguous(), chunk_valid.contiguous(), gist_v.contiguous(), with_gists)
+        chunk_v.contiguous(), chunk_valid.contiguous(), gist_v.contiguous(), with_gists, *dense)
     return index, picked, Partial(numer, top, total)
 
 
