@@ -251,3 +251,48 @@ def test_select_and_attend_rejects_bad_sinks():
         cpu_kernel.cpp_select_and_attend(grouped, gists, gists, torch.ones(1, 4, dtype=torch.bool), torch.tensor([2]),
                                          torch.tensor([1]), "union", chunks, chunks,
                                          torch.ones(1, 4, 2, dtype=torch.bool), True, sinks=bad, recent=dense)
+
+
+def test_selection_huge_k_keeps_every_candidate():
+    skip_unavailable("cpp")
+    scores = torch.randn(1, 2, 3, 7, generator=torch.Generator().manual_seed(4))
+    valid = torch.ones(1, 7, dtype=torch.bool)
+    every = cpu_kernel.cpp_top_chunks(scores, valid, torch.tensor([7]), torch.tensor([7]), "union")
+    huge = cpu_kernel.cpp_top_chunks(scores, valid, torch.tensor([7]), torch.tensor([2 ** 62 + 1]), "union")
+    assert torch.equal(huge[0], every[0])
+    assert torch.equal(huge[1], every[1])
+
+
+@pytest.mark.parametrize("merge", ["union", "group-sum"])
+def test_non_finite_scores_agree_across_paths(merge):
+    """NaN and infinite scores are skipped by the C++ selection, the PyTorch selection and the twin."""
+    skip_unavailable("cpp")
+    nan, inf = float("nan"), float("inf")
+    scores = torch.tensor([[[[0.5, nan, 0.4, 0.1, inf, -inf]], [[inf, 0.2, -inf, 0.3, 0.0, 0.6]]]])  # (1, 1, 2, 1, 6)
+    scores = scores.reshape(1, 1, 2, 1, 6)
+    candidate = torch.ones(1, 1, 6, dtype=torch.bool)
+    k = torch.tensor([[2]])
+    index, picked = cpu_kernel.cpp_top_chunks(scores[:, :, :, 0], candidate[:, 0], torch.tensor([6]), k[:, 0], merge)
+    fast = torch.zeros(1, 1, 6, dtype=torch.bool)
+    fast[0, 0, index[0, 0][picked[0, 0]]] = True
+    torch_chosen = select_chunks(scores, candidate, k, merge)[:, :, 0]
+    twin_chosen = naive_select(scores, candidate, k, merge)[:, :, 0]
+    assert torch.equal(fast, twin_chosen)
+    assert torch.equal(torch_chosen, twin_chosen)
+
+
+def test_oracle_twin_row_without_keys():
+    """A query that sees no key gets zeros from the oracle's fast path and from its loop twin."""
+    def states(*shape):
+        return torch.randn(1, 1, *shape, 8, generator=torch.Generator().manual_seed(len(shape)))
+
+    def hidden(*shape):
+        return torch.zeros(1, *shape, dtype=torch.bool)
+
+    query = torch.randn(1, 2, 1, 8, generator=torch.Generator().manual_seed(0))
+    for impl in ("fast", "naive"):
+        tiers = Tiers(states(1), states(1), hidden(1), states(4, 2), states(4, 2), hidden(4, 2), states(4), states(4),
+                      torch.ones(1, 4, dtype=torch.bool), states(1), states(1), hidden(1), torch.tensor([4]))
+        config = GSAConfig(method="oracle", impl=impl, spec=GistSpec(chunk_size=2, window_chunks=1))
+        out, _ = selective_attention(query, tiers, torch.tensor([[0]]), config, layer_idx=1, scaling=0.3)
+        assert torch.equal(out, torch.zeros_like(out))

@@ -12,7 +12,6 @@ import torch
 
 from gsa.config import GSAConfig
 from gsa.diagnostics import RouterProbe
-from gsa.ops.cpu_kernel import cpp_gist_top_chunks, cpp_select_and_attend, cpp_supports, cpp_top_chunks
 from gsa.ops.recall import resolve_kernel
 from gsa.ops.attend import Visibility, attend_gathered, attend_masked, attended_counts, recent_visibility
 from gsa.hierarchy import frontier
@@ -102,6 +101,8 @@ def _kernel_choice(inputs: SelectionInputs, config: GSAConfig, k: torch.Tensor,
     that does not resolve to ``cpp`` for these gists. ``select_chunks`` is its twin. A method whose
     scores are gist products has them computed inside the kernel too.
     """
+    from gsa.ops.cpu_kernel import cpp_gist_top_chunks, cpp_top_chunks  # loads torch's extension tools
+
     query, tiers = inputs.query, inputs.tiers
     if query.shape[2] != 1 or config.top_p is not None or config.impl == "naive":
         return None
@@ -265,6 +266,8 @@ def _select_and_attend(query: torch.Tensor, tiers: Tiers, query_slot: torch.Tens
     not gist products, or a recall kernel that does not resolve to ``cpp`` for a chunk tier it can
     read in place. ``visibility`` followed by ``attend_gathered`` is its twin.
     """
+    from gsa.ops.cpu_kernel import cpp_select_and_attend, cpp_supports  # loads torch's extension tools
+
     method = get_method(config.method)
     if (query.shape[2] != 1 or config.top_p is not None or config.impl == "naive" or tiers.upper
             or not method.scores_gist_products or not selects_in_layer(config, layer_idx)):

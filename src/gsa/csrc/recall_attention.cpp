@@ -207,7 +207,7 @@ void run_task(const HeadTask& task) {
 
 void check_recall_tensors(const at::Tensor& grouped, const at::Tensor& chunk_k, const at::Tensor& chunk_v,
                           const at::Tensor& chunk_valid, const at::Tensor& gist_k, const at::Tensor& gist_v) {
-  TORCH_CHECK(grouped.dim() == 4 && chunk_k.dim() == 5, "recall_attention takes (B, Hk, G, D) queries and "
+  TORCH_CHECK(grouped.dim() == 4 && chunk_k.dim() == 5, "the recall kernel takes (B, Hk, G, D) queries and "
               "(B, Hk, N, Cm, D) chunks");
   const int64_t batch = grouped.size(0), kv_heads = grouped.size(1), dim = grouped.size(3);
   const int64_t num_chunks = chunk_k.size(2), chunk_len = chunk_k.size(3);
@@ -220,11 +220,11 @@ void check_recall_tensors(const at::Tensor& grouped, const at::Tensor& chunk_k, 
                               gist_v.sizes() == gist_k.sizes()), "gist_k and gist_v must be (B, Hk, N, D)");
   TORCH_CHECK(grouped.is_contiguous() && chunk_k.is_contiguous() && chunk_v.is_contiguous() &&
                   chunk_valid.is_contiguous() && gist_k.is_contiguous() && gist_v.is_contiguous(),
-              "recall_attention takes contiguous tensors");
+              "the recall kernel takes contiguous tensors");
   TORCH_CHECK(grouped.scalar_type() == at::kFloat && chunk_k.scalar_type() == at::kFloat &&
                   chunk_v.scalar_type() == at::kFloat && chunk_valid.scalar_type() == at::kBool &&
                   (!with_gists || (gist_k.scalar_type() == at::kFloat && gist_v.scalar_type() == at::kFloat)),
-              "recall_attention takes float32 queries, chunks and gists and a bool chunk_valid");
+              "the recall kernel takes float32 queries, chunks and gists and a bool chunk_valid");
 }
 
 }  // namespace gsa_kernels

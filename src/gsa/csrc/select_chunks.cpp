@@ -63,14 +63,14 @@ inline int64_t ranked_chunk(Ranked key) { return static_cast<uint32_t>(~static_c
 void mark_top(const float* scores, int64_t stride, const RowChoice& row, std::vector<Ranked>& kept,
               std::vector<uint8_t>& chosen) {
   kept.clear();
-  if (row.k <= 0) return;
-  const size_t k = static_cast<size_t>(row.k);
+  const int64_t end = row.candidate_end();
+  if (row.k <= 0 || end == 0) return;
+  const size_t k = static_cast<size_t>(std::min(row.k, end));  // also keeps 4 * k from overflowing
   const auto keep_best = [&] {
     std::nth_element(kept.begin(), kept.begin() + (k - 1), kept.end(), std::greater<Ranked>());
     kept.resize(k);
   };
   Ranked threshold = 0;  // the k-th best once k are kept; every finite score ranks above 0
-  const int64_t end = row.candidate_end();
   for (int64_t n = 0; n < end; ++n) {
     const float score = scores[n * stride];
     if (!std::isfinite(score) || !row.valid[n]) continue;

@@ -249,7 +249,8 @@ def _group_sum(merge: str) -> bool:
 def _check_tensor(name: str, tensor: torch.Tensor, shape: tuple, dtype: torch.dtype) -> None:
     if tuple(tensor.shape) != shape or tensor.dtype != dtype or tensor.device.type != "cpu":
         raise InvalidInputError(f"{name} is {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}; "
-                                f"the CPU selection kernel expects {shape} {dtype} on the CPU")
+                                f"the CPU selection kernel expects {shape} {dtype} on the CPU. Use the torch "
+                                "recall kernel (or auto) for other tensors")
 
 
 def _call(operator: str, *arguments):

@@ -88,6 +88,7 @@ def _children_and_frontier(parents: list[int], fanout: int, num_parents: int, nu
 
 
 def _choose(scores: dict[int, float], k: int, top_p: float | None) -> list[int]:
+    scores = {n: score for n, score in scores.items() if math.isfinite(score)}  # NaN and ±inf never win
     ranked = sorted(scores, key=lambda n: (-scores[n], n))
     if top_p is None:
         return ranked[:k]

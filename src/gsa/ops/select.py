@@ -63,12 +63,17 @@ def select_chunks(
 
     Returns:
         (B, Hk, T, N) boolean mask of chosen chunks.
+
+    NOTE: ties at the k-th place go where ``torch.topk`` puts them, which is unspecified. The loop
+    twin and the C++ selection give ties to the lower chunk index.
     """
     # Broadcast over the G query heads, and over the KV heads for a shared (B, T, N) set.
     candidate = candidate[:, None, None] if candidate.dim() == 3 else candidate[:, :, None]
     scores = scores.masked_fill(~candidate, float("-inf"))
     if merge == "group-sum":
         scores = scores.sum(dim=2, keepdim=True)  # (B, Hk, 1, T, N)
+    # A NaN or infinite score is never chosen, so the finite ones fill the k places.
+    scores = scores.masked_fill(~torch.isfinite(scores), float("-inf"))
     if top_p is not None:
         chosen = _top_p(scores, top_p)
     else:
