@@ -233,24 +233,25 @@ def test_select_and_attend_matches_twins(shape, merge, with_gists):
     assert torch.equal(torch.isfinite(partial.lse()), seen[..., None].expand(-1, -1, group))
 
 
-def test_select_and_attend_rejects_float64_gists():
+def small_fused_call(gists: torch.Tensor, sinks: tuple) -> None:
+    """Call the fused kernel on one row, one KV head, G = 2, D = 8 and four chunks of two tokens."""
     grouped, chunks = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 4, 2, 8)
-    gists = torch.randn(1, 1, 4, 8, dtype=torch.float64)
-    dense = (torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8), torch.ones(1, 2, dtype=torch.bool))
+    recent = (torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8), torch.ones(1, 2, dtype=torch.bool))
+    cpu_kernel.cpp_select_and_attend(grouped, gists, gists, torch.ones(1, 4, dtype=torch.bool), torch.tensor([2]),
+                                     torch.tensor([1]), "union", chunks, chunks, torch.ones(1, 4, 2, dtype=torch.bool),
+                                     True, sinks=sinks, recent=recent)
+
+
+def test_select_and_attend_rejects_float64_gists():
+    sinks = (torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8), torch.ones(1, 2, dtype=torch.bool))
     with pytest.raises(InvalidInputError, match="gist_k"):
-        cpu_kernel.cpp_select_and_attend(grouped, gists, gists, torch.ones(1, 4, dtype=torch.bool), torch.tensor([2]),
-                                         torch.tensor([1]), "union", chunks, chunks,
-                                         torch.ones(1, 4, 2, dtype=torch.bool), True, sinks=dense, recent=dense)
+        small_fused_call(torch.randn(1, 1, 4, 8, dtype=torch.float64), sinks)
 
 
 def test_select_and_attend_rejects_bad_sinks():
-    grouped, chunks, gists = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 4, 2, 8), torch.randn(1, 1, 4, 8)
-    dense = (torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8), torch.ones(1, 2, dtype=torch.bool))
     bad = (torch.randn(1, 1, 2, 6), torch.randn(1, 1, 2, 6), torch.ones(1, 2, dtype=torch.bool))
     with pytest.raises(InvalidInputError, match="sink keys"):
-        cpu_kernel.cpp_select_and_attend(grouped, gists, gists, torch.ones(1, 4, dtype=torch.bool), torch.tensor([2]),
-                                         torch.tensor([1]), "union", chunks, chunks,
-                                         torch.ones(1, 4, 2, dtype=torch.bool), True, sinks=bad, recent=dense)
+        small_fused_call(torch.randn(1, 1, 4, 8), bad)
 
 
 def test_selection_huge_k_keeps_every_candidate():
