@@ -283,7 +283,7 @@ def test_non_finite_scores_agree_across_paths(merge):
 
 
 def test_oracle_twin_row_without_keys():
-    """A query that sees no key gets zeros from the oracle's fast path and from its loop twin."""
+    """A query with no visible key gets zeros from the oracle's fast path and from its loop twin."""
     def states(*shape):
         return torch.randn(1, 1, *shape, 8, generator=torch.Generator().manual_seed(len(shape)))
 

@@ -307,7 +307,7 @@ class Oracle(Method):
                                if tiers.chunk_valid[b, n, c]]
                     logits += [(-1, float(q @ tiers.recent_k[b, hk, r].double()) * inputs.scaling)
                                for r in range(tiers.recent_valid.shape[1]) if inputs.recent_on[b, t, r]]
-                    if not logits:  # a padding query sees no key and scores every chunk 0
+                    if not logits:  # a padding query has no visible key and scores every chunk 0
                         continue
                     top = max(x for _, x in logits)
                     total = sum(math.exp(x - top) for _, x in logits)

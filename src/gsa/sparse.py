@@ -72,7 +72,7 @@ def visibility(
     method = get_method(config.method)
     group = heads // kv_heads
     candidate = (tiers.gist_valid & ~in_window)[:, None, :].expand(batch, length, num_chunks)
-    scored = candidate.sum(-1)[:, None].expand(batch, kv_heads, length) if method.gist_router else None
+    scored = _gists_scored(tiers, config, kv_heads, length) if method.gist_router else None
     k = _chunks_to_recall(tiers, recent_on, config, group) * (group if method.per_group else 1)
     inputs = SelectionInputs(query, tiers, recent_on, scaling, query_slot, seed=config.seed, layer_idx=layer_idx)
     listed = _kernel_choice(inputs, config, k, method) if probe is None else None
@@ -92,23 +92,46 @@ def visibility(
     return Visibility(chunk_on=chunk_on, gist_on=chunk_on, recent_on=recent_on, scored=scored)
 
 
-def _kernel_choice(inputs: SelectionInputs, config: GSAConfig, k: torch.Tensor,
-                   method) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Pick the recalled chunks, window included, of a decode step in the C++ selection kernel.
+def _cpp_decode_queries(query: torch.Tensor, tiers: Tiers, config: GSAConfig,
+                        chunk_k: torch.Tensor) -> torch.Tensor | None:
+    """Return the unscaled (B, Hk, G, D) float32 queries of a decode step that the C++ kernels serve.
 
-    Returns (B, Hk, K) ascending chunk indices and their validity flags, or None where the kernel
-    does not apply: several queries per row, top-p, the naive implementation, or a recall kernel
-    that does not resolve to ``cpp`` for these gists. ``select_chunks`` is its twin. A method whose
-    scores are gist products has them computed inside the kernel too.
+    Returns None for several queries per row, top-p, the naive implementation, gists the kernels
+    cannot read, or a recall kernel that does not resolve to ``cpp`` for ``chunk_k``.
     """
-    from gsa.ops.cpu_kernel import cpp_gist_top_chunks, cpp_top_chunks  # loads torch's extension tools
+    from gsa.ops.cpu_kernel import cpp_supports  # loads torch's extension tools
 
-    query, tiers = inputs.query, inputs.tiers
     if query.shape[2] != 1 or config.top_p is not None or config.impl == "naive":
         return None
     batch, heads, _, dim = query.shape
     grouped = query.reshape(batch, tiers.num_kv_heads, heads // tiers.num_kv_heads, dim).float()  # (B, Hk, G, D)
-    if resolve_kernel(config.recall_kernel, grouped, tiers.gist_k) != "cpp":
+    if resolve_kernel(config.recall_kernel, grouped, chunk_k) != "cpp" or not cpp_supports(grouped, tiers.gist_k):
+        return None
+    return grouped
+
+
+def _gists_scored(tiers: Tiers, config: GSAConfig, kv_heads: int, length: int) -> torch.Tensor:
+    """Gists a gist router scores per (B, Hk, T): the valid ones before the local window."""
+    num_chunks = tiers.gist_valid.shape[1]
+    window_start = tiers.num_chunks - config.spec.window_chunks  # (B,)
+    before = torch.arange(num_chunks, device=window_start.device)[None, :] < window_start[:, None]
+    count = (tiers.gist_valid & before).sum(-1)  # (B,)
+    return count[:, None, None].expand(-1, kv_heads, length)
+
+
+def _kernel_choice(inputs: SelectionInputs, config: GSAConfig, k: torch.Tensor,
+                   method) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Pick the recalled chunks, window included, of a decode step in the C++ selection kernel.
+
+    Returns (B, Hk, K) ascending chunk indices and their validity flags, or None where
+    ``_cpp_decode_queries`` finds that the kernel does not apply. ``select_chunks`` is its twin. A
+    method whose scores are gist products has them computed inside the kernel too.
+    """
+    from gsa.ops.cpu_kernel import cpp_gist_top_chunks, cpp_top_chunks
+
+    tiers = inputs.tiers
+    grouped = _cpp_decode_queries(inputs.query, tiers, config, tiers.gist_k)
+    if grouped is None:
         return None
     window_start = tiers.num_chunks - config.spec.window_chunks  # (B,)
     if method.scores_gist_products:
@@ -261,36 +284,31 @@ def _select_and_attend(query: torch.Tensor, tiers: Tiers, query_slot: torch.Tens
                        layer_idx: int, scaling: float) -> tuple[torch.Tensor, KeyCounts] | None:
     """Run a decode step of a gist router in one C++ call that scores, picks and attends the chunks.
 
-    Returns None where the call does not apply: several queries per row, top-p, the naive
-    implementation, a layer that does not select, several gist levels, a method whose scores are
-    not gist products, or a recall kernel that does not resolve to ``cpp`` for a chunk tier it can
-    read in place. ``visibility`` followed by ``attend_gathered`` is its twin.
+    Returns None where the call does not apply: a layer that does not select, several gist
+    levels, a method whose scores are not gist products, a chunk tier that cannot be read in
+    place, or any case ``_cpp_decode_queries`` rejects. ``visibility`` followed by
+    ``attend_gathered`` is its twin.
     """
-    from gsa.ops.cpu_kernel import cpp_select_and_attend, cpp_supports  # loads torch's extension tools
+    from gsa.ops.cpu_kernel import cpp_select_and_attend
 
     method = get_method(config.method)
-    if (query.shape[2] != 1 or config.top_p is not None or config.impl == "naive" or tiers.upper
-            or not method.scores_gist_products or not selects_in_layer(config, layer_idx)):
+    if tiers.upper or not method.scores_gist_products or not selects_in_layer(config, layer_idx):
         return None
     stored = (tiers.chunk_k, tiers.chunk_v) if tiers.store is None else tiers.store.in_place()
-    batch, heads, _, dim = query.shape
-    kv_heads = tiers.num_kv_heads
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim).float() * scaling  # (B, Hk, G, D)
-    if stored is None or resolve_kernel(config.recall_kernel, grouped, stored[0]) != "cpp" \
-            or not cpp_supports(grouped, tiers.gist_k):
+    grouped = _cpp_decode_queries(query, tiers, config, stored[0]) if stored is not None else None
+    if grouped is None:
         return None
 
+    batch, heads, _, dim = query.shape
     recent_on = recent_visibility(tiers, query_slot)  # (B, T, R)
-    k = _chunks_to_recall(tiers, recent_on, config, heads // kv_heads)  # (B, T)
+    k = _chunks_to_recall(tiers, recent_on, config, heads // tiers.num_kv_heads)  # (B, T)
     window_start = tiers.num_chunks - config.spec.window_chunks  # (B,)
     index, picked, attended = cpp_select_and_attend(
-        grouped, tiers.gist_k, tiers.gist_v, tiers.gist_valid, window_start, k[:, 0], config.merge, *stored,
-        tiers.chunk_valid, with_gists=config.attends_gists, sinks=(tiers.sink_k, tiers.sink_v, tiers.sink_valid),
-        recent=(tiers.recent_k, tiers.recent_v, recent_on[:, 0]))
+        grouped * scaling, tiers.gist_k, tiers.gist_v, tiers.gist_valid, window_start, k[:, 0], config.merge,
+        *stored, tiers.chunk_valid, with_gists=config.attends_gists,
+        sinks=(tiers.sink_k, tiers.sink_v, tiers.sink_valid), recent=(tiers.recent_k, tiers.recent_v, recent_on[:, 0]))
     out = attended.output().to(query.dtype).reshape(batch, heads, 1, dim)
 
-    num_chunks = tiers.gist_valid.shape[1]
-    candidates = (tiers.gist_valid & (torch.arange(num_chunks) < window_start[:, None])).sum(-1)  # (B,)
-    scored = candidates[:, None, None].expand(batch, kv_heads, 1)
-    vis = _listed_visibility(index, picked, num_chunks, recent_on, config, scored)
+    scored = _gists_scored(tiers, config, tiers.num_kv_heads, 1)
+    vis = _listed_visibility(index, picked, tiers.gist_valid.shape[1], recent_on, config, scored)
     return out, KeyCounts(*attended_counts(tiers, vis), scored=vis.scored)

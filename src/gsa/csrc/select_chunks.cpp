@@ -58,17 +58,17 @@ inline Ranked rank_key(float score, int64_t chunk) {
 inline int64_t ranked_chunk(Ranked key) { return static_cast<uint32_t>(~static_cast<uint32_t>(key)); }
 
 // Mark in ``chosen`` the row's k candidates of highest finite score, where chunk n scores
-// scores[n * stride]. Candidates that rank above the current k-th best go to ``kept``, which is
+// scores[n * stride]. Candidates that rank above the current k-th best go to ``best``, which is
 // cut back to the k best whenever it contains 4k, so most candidates cost one comparison.
-void mark_top(const float* scores, int64_t stride, const RowChoice& row, std::vector<Ranked>& kept,
+void mark_top(const float* scores, int64_t stride, const RowChoice& row, std::vector<Ranked>& best,
               std::vector<uint8_t>& chosen) {
-  kept.clear();
+  best.clear();
   const int64_t end = row.candidate_end();
   if (row.k <= 0 || end == 0) return;
   const size_t k = static_cast<size_t>(std::min(row.k, end));  // also keeps 4 * k from overflowing
   const auto keep_best = [&] {
-    std::nth_element(kept.begin(), kept.begin() + (k - 1), kept.end(), std::greater<Ranked>());
-    kept.resize(k);
+    std::nth_element(best.begin(), best.begin() + (k - 1), best.end(), std::greater<Ranked>());
+    best.resize(k);
   };
   Ranked threshold = 0;  // the k-th best once k are kept; every finite score ranks above 0
   for (int64_t n = 0; n < end; ++n) {
@@ -76,14 +76,14 @@ void mark_top(const float* scores, int64_t stride, const RowChoice& row, std::ve
     if (!std::isfinite(score) || !row.valid[n]) continue;
     const Ranked key = rank_key(score, n);
     if (key <= threshold) continue;
-    kept.push_back(key);
-    if (kept.size() == 4 * k) {
+    best.push_back(key);
+    if (best.size() == 4 * k) {
       keep_best();
-      threshold = *std::min_element(kept.begin(), kept.end());
+      threshold = *std::min_element(best.begin(), best.end());
     }
   }
-  if (kept.size() > k) keep_best();
-  for (const Ranked key : kept) chosen[ranked_chunk(key)] = 1;
+  if (best.size() > k) keep_best();
+  for (const Ranked key : best) chosen[ranked_chunk(key)] = 1;
 }
 
 // Add the valid window chunks to ``chosen`` and return every chosen chunk in ascending order.
@@ -96,18 +96,17 @@ std::vector<int64_t> chosen_list(const RowChoice& row, std::vector<uint8_t>& cho
   return list;
 }
 
-// Choose from scores laid out as scores[g * head_stride + n * stride] for G heads.
-std::vector<int64_t> choose(const float* scores, int64_t group, int64_t head_stride, int64_t stride,
-                            const RowChoice& row, bool group_sum) {
+// Choose from head-major scores, scores[g * num_chunks + n] for G heads.
+std::vector<int64_t> choose(const float* scores, int64_t group, const RowChoice& row, bool group_sum) {
   std::vector<uint8_t> chosen(row.num_chunks, 0);
-  std::vector<Ranked> kept;
+  std::vector<Ranked> best;
   if (group_sum) {
     std::vector<float> summed(row.candidate_end(), 0.f);
     for (int64_t g = 0; g < group; ++g)
-      for (int64_t n = 0; n < row.candidate_end(); ++n) summed[n] += scores[g * head_stride + n * stride];
-    mark_top(summed.data(), 1, row, kept, chosen);
+      for (int64_t n = 0; n < row.candidate_end(); ++n) summed[n] += scores[g * row.num_chunks + n];
+    mark_top(summed.data(), 1, row, best, chosen);
   } else {
-    for (int64_t g = 0; g < group; ++g) mark_top(scores + g * head_stride, stride, row, kept, chosen);
+    for (int64_t g = 0; g < group; ++g) mark_top(scores + g * row.num_chunks, 1, row, best, chosen);
   }
   return chosen_list(row, chosen);
 }
@@ -147,6 +146,8 @@ void check_rows(const at::Tensor& gist_valid, const at::Tensor& window_start, co
   TORCH_CHECK(window_start.sizes() == at::IntArrayRef({batch}) && k.sizes() == at::IntArrayRef({batch}) &&
                   window_start.scalar_type() == at::kLong && k.scalar_type() == at::kLong &&
                   window_start.is_contiguous() && k.is_contiguous(), "window_start and k must be (B,) int64 tensors");
+  TORCH_CHECK(num_chunks < (int64_t{1} << 32), "the selection kernel takes fewer than 2^32 chunks, got ",
+              num_chunks);
 }
 
 // Run ``task_choice(task, row)`` for every (batch row, KV head) and return the chosen lists.
@@ -211,14 +212,14 @@ std::tuple<at::Tensor, at::Tensor> top_chunks(const at::Tensor& scores, const at
   check_rows(gist_valid, window_start, k, batch, num_chunks);
   const float* data = scores.data_ptr<float>();
   const auto lists = choose_all(batch, kv_heads, gist_valid, window_start, k, [&](int64_t task, const RowChoice& row) {
-    return choose(data + task * group * num_chunks, group, num_chunks, 1, row, group_sum);
+    return choose(data + task * group * num_chunks, group, row, group_sum);
   });
   return pack_lists(lists, batch, kv_heads);
 }
 
-// Choose each task's chunks as gist_top_chunks does, then attend the sinks, the recent tokens
-// and the chunks in one softmax, in one pass per task: the task's scores and chunk list stay in
-// its thread's cache, and while one thread streams gists the other can be attending chunks.
+// Choose each task's chunks as gist_top_chunks does, then attend the sinks, the recent tokens and
+// the chunks in one softmax, in one pass per task. The task's scores and chunk list stay in its
+// thread's cache, and while one thread streams gists the other can be attending chunks.
 // Check (B, Hk, L, D) float32 keys and values with (B, L) bool flags of the valid rows.
 void check_dense(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& valid, const at::Tensor& grouped,
                  const char* name) {
@@ -288,7 +289,7 @@ namespace gsa_kernels {
 std::vector<int64_t> score_and_choose(const float* query, const float* gists, int64_t group, int64_t dim,
                                       const RowChoice& row, bool group_sum) {
   thread_local std::vector<float> slice, summed;  // (end, slice heads) and (end,)
-  thread_local std::vector<Ranked> kept;
+  thread_local std::vector<Ranked> best;
   const int64_t end = row.candidate_end();
   slice.resize(std::min(group, kMaxGroup) * end);
   if (group_sum) summed.assign(end, 0.f);
@@ -300,10 +301,10 @@ std::vector<int64_t> score_and_choose(const float* query, const float* gists, in
       for (int64_t n = 0; n < end; ++n)
         for (int64_t g = 0; g < size; ++g) summed[n] += slice[n * size + g];
     } else {
-      for (int64_t g = 0; g < size; ++g) mark_top(slice.data() + g, size, row, kept, chosen);
+      for (int64_t g = 0; g < size; ++g) mark_top(slice.data() + g, size, row, best, chosen);
     }
   }
-  if (group_sum) mark_top(summed.data(), 1, row, kept, chosen);
+  if (group_sum) mark_top(summed.data(), 1, row, best, chosen);
   return chosen_list(row, chosen);
 }
 

@@ -134,7 +134,7 @@ constexpr int heads_per_block(int group) {
 }
 
 // logits[r * G + g] = q_g . k_r for ``count`` key rows, where ``row(r)`` returns a pointer to row r.
-// Rows go in blocks of kLanes / H with the heads in groups of H; the rows after the last full
+// Rows go in blocks of kLanes / H, with the heads in groups of H. The rows after the last full
 // block go one at a time. The rows of ``ahead`` are prefetched along the way.
 template <int G, typename Rows>
 void row_logits(const float* query, const Rows& row, int64_t count, int64_t dim, float* logits,

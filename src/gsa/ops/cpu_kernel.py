@@ -143,7 +143,10 @@ def cpp_recalled_attention(grouped, chunk_k, chunk_v, chunk_valid, index, picked
 
 
 def _check_inputs(grouped, chunk_k, chunk_v, chunk_valid, index, picked, gist_k, gist_v) -> None:
-    """Raise ``InvalidInputError`` naming the first tensor the kernel cannot take."""
+    """Raise ``InvalidInputError`` naming the first tensor the kernel cannot take.
+
+    ``index`` and ``picked`` may both be None for a call that chooses the chunks itself.
+    """
     if not cpp_supports(grouped, chunk_k):
         layout = "contiguous" if chunk_k.is_contiguous() else "non-contiguous"
         raise InvalidInputError(
@@ -156,9 +159,10 @@ def _check_inputs(grouped, chunk_k, chunk_v, chunk_valid, index, picked, gist_k,
         "chunk_k": (chunk_k, (batch, kv_heads, num_chunks, chunk_len, dim), torch.float32),
         "chunk_v": (chunk_v, (batch, kv_heads, num_chunks, chunk_len, dim), torch.float32),
         "chunk_valid": (chunk_valid, (batch, num_chunks, chunk_len), torch.bool),
-        "index": (index, (batch, kv_heads, index.shape[-1]), torch.int64),
-        "picked": (picked, tuple(index.shape), torch.bool),
     }
+    if index is not None:
+        expected["index"] = (index, (batch, kv_heads, index.shape[-1]), torch.int64)
+        expected["picked"] = (picked, tuple(index.shape), torch.bool)
     if (gist_k is None) != (gist_v is None):
         raise InvalidInputError("pass both gist_k and gist_v, or neither")
     if gist_k is not None:
@@ -210,14 +214,13 @@ def cpp_select_and_attend(grouped: torch.Tensor, gist_k: torch.Tensor, gist_v: t
     """Pick the chunks as ``cpp_gist_top_chunks`` does, then attend the sinks, the recent tokens and
     the recalled chunks in one softmax, in one C++ call that runs both for each (batch row, KV head).
 
-    ``with_gists`` says whether each recalled chunk's gist is attended too. ``sinks`` and
+    With ``with_gists`` each recalled chunk's gist is attended too. ``sinks`` and
     ``recent`` are (keys, values, valid) triples of (B, Hk, L, D) float32 states and (B, L) bool
     flags. Returns the (B, Hk, K) chunk list with its flags and the ``Partial`` softmax over every
     attended key.
     """
     batch, kv_heads, _, dim = grouped.shape
-    _check_inputs(grouped, chunk_k, chunk_v, chunk_valid, torch.zeros(batch, kv_heads, 0, dtype=torch.long),
-                  torch.zeros(batch, kv_heads, 0, dtype=torch.bool), gist_k, gist_v)
+    _check_inputs(grouped, chunk_k, chunk_v, chunk_valid, None, None, gist_k, gist_v)
     _check_tensor("gist_k", gist_k, tuple(gist_k.shape), torch.float32)
     _check_tensor("gist_v", gist_v, tuple(gist_v.shape), torch.float32)
     dense = []
